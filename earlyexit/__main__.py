@@ -1,0 +1,3 @@
+from earlyexit.cli import main
+
+raise SystemExit(main())

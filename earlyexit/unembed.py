@@ -1,0 +1,68 @@
+"""The one path from a hidden state to logits that every lens goes through."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from earlyexit.arch import ArchSpec, ResolvedArch, resolve_arch
+
+LENS_KINDS = ("normed", "raw")
+
+
+class Unembed(nn.Module):
+    """Final norm → output head → logit post-processing (soft-capping, scaling).
+
+    ``normed=False`` skips the final norm (the "raw" lens of the original study and of DoLa).
+    The hidden-state entry L from ``output_hidden_states`` is already normed by transformers, so
+    callers pass ``normed=False`` for it (see :meth:`for_entry`).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    >>> unembed = Unembed(LlamaForCausalLM(cfg))
+    >>> unembed(torch.zeros(3, 16)).shape
+    torch.Size([3, 64])
+    """
+
+    def __init__(self, model: nn.Module, arch: ArchSpec | ResolvedArch | None = None):
+        super().__init__()
+        resolved = arch if isinstance(arch, ResolvedArch) else resolve_arch(model, arch)
+        self.arch = resolved
+        self.final_norm = resolved.final_norm
+        self.head = resolved.head
+        self.n_layers = resolved.n_layers
+        self.softcap = resolved.softcap
+        self.scale = resolved.scale
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.head.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.head.weight.shape[1])
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        """Apply the model's own logit post-processing to head outputs."""
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def forward(self, hidden: Tensor, normed: bool = True) -> Tensor:
+        """hidden ``[..., d]`` → float32 logits ``[..., V]``."""
+        if hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden size {hidden.shape[-1]} != model hidden size {self.hidden_size}")
+        h = self.final_norm(hidden) if normed else hidden
+        return self.postprocess(self.head(h)).float()
+
+    def needs_norm(self, entry: int, lens: str) -> bool:
+        """Whether hidden-state ``entry`` (0..L) needs the final norm under ``lens``."""
+        check_lens(lens)
+        return lens == "normed" and entry < self.n_layers
+
+
+def check_lens(lens: str) -> None:
+    if lens not in LENS_KINDS:
+        raise ValueError(f"Unknown lens {lens!r}; use one of {LENS_KINDS}.")
