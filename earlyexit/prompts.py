@@ -38,15 +38,20 @@ VIS_INSTRUCTION = (
 
 
 def _vis_block(q: ChoiceQuestion) -> str:
-    return f"Question: {q.question}\nOptions: {', '.join(q.choices)}\nAnswer: "
+    return f"Question: {q.question}\nOptions: {', '.join(q.choices)}\nAnswer:"
 
 
 def vis_prompt(question: ChoiceQuestion, pool: Sequence[ChoiceQuestion]) -> str:
-    """Instruction, a one-shot example from ``pool`` (never the question itself), then the question."""
+    """Instruction, a one-shot example from ``pool`` (never the question itself), then the question.
+
+    The prompt ends with ``"Answer:"`` and every answer starts with a space, as in the one-shot
+    example. (The original ended with ``"Answer: "``: the trailing space becomes a lone token that
+    never precedes an answer in the example, and each choice then has to be read without its space.)
+    """
     example = next((q for q in pool if q.question != question.question), None)
     if example is None:
         raise ValueError("The one-shot example needs a second question in the pool.")
-    return f"{VIS_INSTRUCTION}\n\n{_vis_block(example)}{example.gold[0]}\n\n{_vis_block(question)}"
+    return f"{VIS_INSTRUCTION}\n\n{_vis_block(example)} {example.gold[0]}\n\n{_vis_block(question)}"
 
 
 STATEMENT_INSTRUCTION = (
