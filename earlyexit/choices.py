@@ -72,13 +72,20 @@ class ChoiceReading:
         return len(set(self.choice_tokens)) < len(self.choice_tokens)
 
     def first_layer_gold_on_top(self) -> int | None:
-        """First layer entry at which a gold choice has the highest probability among the choices."""
+        """First layer entry from which a gold choice stays the most probable choice up to layer L.
+
+        ``None`` when a gold choice is not the top choice at layer L. (Reading "first layer at which
+        it is on top" without the "stays" would count noise: at early layers every choice has a
+        probability near 0 and the argmax among them is arbitrary.)
+        """
         gold = {self.question.choices.index(g) for g in self.question.gold}
-        top = self.probs.argmax(-1)
-        for e, t in zip(self.layers, top.tolist()):
-            if t in gold:
-                return e
-        return None
+        on_top = [t in gold for t in self.probs.argmax(-1).tolist()]
+        if not on_top[-1]:
+            return None
+        k = len(on_top) - 1
+        while k > 0 and on_top[k - 1]:
+            k -= 1
+        return self.layers[k]
 
 
 def choice_probabilities(model, tokenizer, questions: Sequence[ChoiceQuestion], *,

@@ -24,8 +24,9 @@ class LensGeneration:
     """One prompt's greedy completion and per-token lens statistics.
 
     text: completion with the stop string stripped; token_ids: its ``n`` tokens;
-    entropy ``[E, n]``; top_ids / top_probs ``[E, n, k]``; token_probs ``[E, n]`` = probability of the
-    generated token under each layer's lens; layers: the hidden-state entries (E).
+    entropy ``[E, n]``; top_ids / top_probs ``[E, n, k]``; token_probs / token_ranks ``[E, n]`` =
+    probability and rank (0 = top) of the generated token under each layer's lens; kl_to_final
+    ``[E, n]`` = KL(p_final ‖ p_layer); layers: the hidden-state entries (E).
     """
 
     prompt: str
@@ -36,6 +37,8 @@ class LensGeneration:
     top_ids: Tensor
     top_probs: Tensor
     token_probs: Tensor
+    token_ranks: Tensor
+    kl_to_final: Tensor
 
 
 def eos_ids(tokenizer, model=None) -> list[int]:
@@ -49,6 +52,20 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     elif eos:
         ids.update(int(e) for e in eos)
     return sorted(ids)
+
+
+def _live_rows(st, live: list[int], B: int):
+    """Spread statistics of the ``live`` rows back to all ``B`` rows (finished rows: NaN / -1)."""
+    if len(live) == B:
+        return st
+    for name in ("entropy", "top_ids", "top_probs", "target_probs", "target_ranks", "kl_to_final"):
+        t = getattr(st, name)
+        if t is None:
+            continue
+        full = t.new_full((t.shape[0], B, *t.shape[2:]), -1 if not t.is_floating_point() else float("nan"))
+        full[:, live] = t
+        setattr(st, name, full)
+    return st
 
 
 @torch.no_grad()
@@ -84,17 +101,23 @@ def generate_with_lens(
     for start, group in chunks(token_lists, batch_size):
         B = len(group)
         tracker = StopTracker(tokenizer, B, stop, eos_ids(tokenizer, model))
-        rec = {"entropy": [], "top_ids": [], "top_probs": [], "token_probs": []}
+        rec = {k: [] for k in ("entropy", "top_ids", "top_probs", "token_probs", "token_ranks", "kl_to_final")}
         state = prefill(model, group, pad_id(tokenizer), share_prefix=share_prefix, output_hidden_states=True)
         logits, hidden_last = state.logits, state.hidden_last
         for _ in range(max_new_tokens):
             hidden = torch.stack([hidden_last[e] for e in entries])  # [E, B, d]
             next_tok = logits.argmax(-1)  # [B]
-            st = layer_stats(unembed, hidden, entries, lens=lens, top_k=top_k, targets=next_tok[:, None])
+            # rows that already stopped are never read again: compute their lens statistics no more
+            live = [i for i, d in enumerate(tracker.done) if not d]
+            st = _live_rows(layer_stats(unembed, hidden[:, live], entries, lens=lens, top_k=top_k,
+                                        targets=next_tok[live].unsqueeze(1), final=hidden_last[unembed.n_layers][live]),
+                            live, B)
             rec["entropy"].append(st.entropy.cpu())
             rec["top_ids"].append(st.top_ids.cpu())
             rec["top_probs"].append(st.top_probs.cpu())
             rec["token_probs"].append(st.target_probs[..., 0].cpu())
+            rec["token_ranks"].append(st.target_ranks[..., 0].cpu())
+            rec["kl_to_final"].append(st.kl_to_final.cpu())
             tracker.update(next_tok.tolist())
             if tracker.all_done:
                 break
@@ -112,6 +135,8 @@ def generate_with_lens(
                 top_ids=stacked["top_ids"][:, j, :n].clone(),
                 top_probs=stacked["top_probs"][:, j, :n].clone(),
                 token_probs=stacked["token_probs"][:, j, :n].clone(),
+                token_ranks=stacked["token_ranks"][:, j, :n].clone(),
+                kl_to_final=stacked["kl_to_final"][:, j, :n].clone(),
             ))
         bar.update(B)
     bar.close()
