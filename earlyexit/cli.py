@@ -70,7 +70,10 @@ def _run_lens(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="earlyexit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="earlyexit",
+        description="Look inside a language model's layers: logit lens, entropy study, probes, DoLa and TruthfulQA.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in REGISTRY:
         register(sub)

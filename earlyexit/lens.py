@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from earlyexit.batching import chunks, encode_prompts, left_pad, pad_id
+from earlyexit.prefix import shared_prefix_len
 from earlyexit.stats import CHUNK_BYTES, Stats, layer_stats
 from earlyexit.unembed import Unembed, check_lens
 
@@ -159,6 +160,7 @@ def lens_stats(
     return_probs: bool = False,
     batch_size: int = 8,
     chunk_bytes: int = CHUNK_BYTES,
+    dedupe_prefix: bool = True,
     progress: bool = False,
 ) -> LensResult:
     """Per-layer lens statistics of ``prompts`` at ``positions``.
@@ -167,7 +169,8 @@ def lens_stats(
     from the end), or one such list per prompt. targets: token ids whose probability and rank to
     report at every position, or one list per prompt with one id per position (e.g. the answer
     tokens, see :func:`answer_span`). ``return_probs`` keeps the full distributions — only for the
-    positions asked.
+    positions asked. Positions inside a token prefix shared by a whole batch are computed once
+    (``dedupe_prefix``): their hidden states are the same in every row.
     """
     check_lens(lens)
     entries = check_layers(model, layers)
@@ -198,15 +201,25 @@ def lens_stats(
     for start, group in tqdm(list(chunks(token_lists, batch_size)), desc="lens", disable=not progress):
         batch = left_pad(group, pad_id(tokenizer), dev)
         hs = hidden_states(model, batch)
-        rows_b, rows_t, owners = [], [], []
+        # A position inside the prefix that the whole batch shares (a few-shot primer) has the same
+        # hidden states in every row: compute its statistics once and copy them to the other rows.
+        shared = shared_prefix_len(group) if dedupe_prefix and len(group) > 1 else 0
+        rows_b, rows_t, owners, source, first_row = [], [], [], [], {}
         for j in range(len(group)):
             i = start + j
             for k, p in enumerate(per_pos[i]):
+                key = (p, tuple(per_tgt[i][k]) if per_tgt else ()) if p < shared else None
+                if key is not None and key in first_row:
+                    source.append(first_row[key])
+                    continue
+                if key is not None:
+                    first_row[key] = len(rows_b)
+                source.append(len(rows_b))
                 rows_b.append(j)
                 rows_t.append(batch.pad[j] + p)
                 owners.append((i, k))
         rb, rt = torch.tensor(rows_b, device=dev), torch.tensor(rows_t, device=dev)
-        hidden = torch.stack([hs[e][rb, rt] for e in entries])  # [E, N, d]
+        hidden = torch.stack([hs[e][rb, rt] for e in entries])  # [E, N_unique, d]
         final = hs[L][rb, rt] if kl else None
         tgt = None
         if per_tgt:
@@ -216,18 +229,20 @@ def lens_stats(
         del hs
         st = layer_stats(unembed, hidden, entries, lens=lens, top_k=top_k, targets=tgt, final=final,
                          keep_probs=return_probs, chunk_bytes=chunk_bytes)
-        bi = torch.tensor([i for i, _ in owners])
-        ki = torch.tensor([k for _, k in owners])
-        res.entropy[bi, :, ki] = st.entropy.T.cpu()
-        res.top_ids[bi, :, ki] = st.top_ids.transpose(0, 1).cpu()
-        res.top_probs[bi, :, ki] = st.top_probs.transpose(0, 1).cpu()
+        src = torch.tensor(source)
+        slots = [(start + j, k) for j in range(len(group)) for k in range(len(per_pos[start + j]))]
+        bi = torch.tensor([i for i, _ in slots])
+        ki = torch.tensor([k for _, k in slots])
+        res.entropy[bi, :, ki] = st.entropy.T.cpu()[src]
+        res.top_ids[bi, :, ki] = st.top_ids.transpose(0, 1).cpu()[src]
+        res.top_probs[bi, :, ki] = st.top_probs.transpose(0, 1).cpu()[src]
         if per_tgt:
-            res.target_probs[bi, :, ki] = st.target_probs.transpose(0, 1).cpu()
-            res.target_ranks[bi, :, ki] = st.target_ranks.transpose(0, 1).cpu()
+            res.target_probs[bi, :, ki] = st.target_probs.transpose(0, 1).cpu()[src]
+            res.target_ranks[bi, :, ki] = st.target_ranks.transpose(0, 1).cpu()[src]
         if kl:
-            res.kl_to_final[bi, :, ki] = st.kl_to_final.T.cpu()
+            res.kl_to_final[bi, :, ki] = st.kl_to_final.T.cpu()[src]
         if return_probs:
-            res.probs[bi, :, ki] = st.probs.transpose(0, 1).cpu()
+            res.probs[bi, :, ki] = st.probs.transpose(0, 1).cpu()[src]
     return res
 
 

@@ -150,3 +150,15 @@ def test_empty_and_too_long_prompts(tiny_llama):
         lens_stats(model, tok, ["word " * 300])
     with pytest.raises(ValueError, match="context"):
         generate_with_lens(model, tok, ["word " * 250], max_new_tokens=10)
+
+
+def test_shared_prefix_positions_are_computed_once_with_the_same_result(tiny_llama):
+    model, tok = tiny_llama
+    prompts = ["Q: one two three four five six. A: yes", "Q: one two three four five six. A: no way", "Q: one two x"]
+    a = lens_stats(model, tok, prompts, positions="all", kl=True, batch_size=3)
+    b = lens_stats(model, tok, prompts, positions="all", kl=True, batch_size=3, dedupe_prefix=False)
+    ok = a.valid
+    assert torch.equal(a.valid, b.valid)
+    assert torch.allclose(a.entropy[ok.unsqueeze(1).expand_as(a.entropy)],
+                          b.entropy[ok.unsqueeze(1).expand_as(b.entropy)], atol=1e-4)
+    assert torch.allclose(a.kl_to_final.nan_to_num(), b.kl_to_final.nan_to_num(), atol=1e-4)
