@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from earlyexit.batching import chunks, encode_prompts, left_pad, pad_id
-from earlyexit.prefix import shared_prefix_len
+from earlyexit.batching import chunks, encode_prompts, pad_id
+from earlyexit.prefix import prefill
 from earlyexit.stats import CHUNK_BYTES, Stats, layer_stats
 from earlyexit.unembed import Unembed, check_lens
 
@@ -139,13 +139,6 @@ def _resolve_targets(targets, per_pos: list[list[int]]) -> list[list[list[int]]]
 
 
 @torch.no_grad()
-def hidden_states(model, batch) -> tuple[Tensor, ...]:
-    """All L+1 hidden-state entries of a left-padded batch, each ``[B, T, d]``."""
-    out = model(**batch.model_inputs(), output_hidden_states=True, use_cache=False)
-    return out.hidden_states
-
-
-@torch.no_grad()
 def lens_stats(
     model,
     tokenizer,
@@ -169,8 +162,8 @@ def lens_stats(
     from the end), or one such list per prompt. targets: token ids whose probability and rank to
     report at every position, or one list per prompt with one id per position (e.g. the answer
     tokens, see :func:`answer_span`). ``return_probs`` keeps the full distributions — only for the
-    positions asked. Positions inside a token prefix shared by a whole batch are computed once
-    (``dedupe_prefix``): their hidden states are the same in every row.
+    positions asked. A token prefix shared by a whole batch runs through the model once and its
+    positions' statistics are computed once (``dedupe_prefix``): they are the same in every row.
     """
     check_lens(lens)
     entries = check_layers(model, layers)
@@ -199,12 +192,12 @@ def lens_stats(
     )
     L = unembed.n_layers
     for start, group in tqdm(list(chunks(token_lists, batch_size)), desc="lens", disable=not progress):
-        batch = left_pad(group, pad_id(tokenizer), dev)
-        hs = hidden_states(model, batch)
-        # A position inside the prefix that the whole batch shares (a few-shot primer) has the same
-        # hidden states in every row: compute its statistics once and copy them to the other rows.
-        shared = shared_prefix_len(group) if dedupe_prefix and len(group) > 1 else 0
-        rows_b, rows_t, owners, source, first_row = [], [], [], [], {}
+        # Prompts of a batch that share a token prefix (a few-shot primer) run it once, and the
+        # statistics of a position inside that prefix are computed once and copied to every row.
+        state = prefill(model, group, pad_id(tokenizer), share_prefix=dedupe_prefix, output_hidden_states=True,
+                        keep_suffix=True, suffix_logits=False)
+        shared = state.suffix_start
+        rows, owners, source, first_row = [], [], [], {}
         for j in range(len(group)):
             i = start + j
             for k, p in enumerate(per_pos[i]):
@@ -213,20 +206,18 @@ def lens_stats(
                     source.append(first_row[key])
                     continue
                 if key is not None:
-                    first_row[key] = len(rows_b)
-                source.append(len(rows_b))
-                rows_b.append(j)
-                rows_t.append(batch.pad[j] + p)
+                    first_row[key] = len(rows)
+                source.append(len(rows))
+                rows.append((j, p))
                 owners.append((i, k))
-        rb, rt = torch.tensor(rows_b, device=dev), torch.tensor(rows_t, device=dev)
-        hidden = torch.stack([hs[e][rb, rt] for e in entries])  # [E, N_unique, d]
-        final = hs[L][rb, rt] if kl else None
+        hidden = torch.stack([torch.stack([state.hidden_at(e, j, p) for j, p in rows]) for e in entries])  # [E, N, d]
+        final = torch.stack([state.hidden_at(L, j, p) for j, p in rows]) if kl else None
         tgt = None
         if per_tgt:
             tgt = torch.tensor(
                 [per_tgt[i][k] + [per_tgt[i][k][-1]] * (n_t - len(per_tgt[i][k])) for i, k in owners], device=dev
             )
-        del hs
+        del state
         st = layer_stats(unembed, hidden, entries, lens=lens, top_k=top_k, targets=tgt, final=final,
                          keep_probs=return_probs, chunk_bytes=chunk_bytes)
         src = torch.tensor(source)

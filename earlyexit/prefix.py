@@ -37,8 +37,9 @@ class Prefilled:
     logits ``[B, V]`` at each row's last position; hidden_last: L+1 tensors ``[B, d]`` at the last
     position (when asked); cache: the KV cache of the whole batch; attention_mask ``[B, T]``;
     next_position ``[B, 1]``: position id of the next token; suffix_hidden: L+1 tensors
-    ``[B, S, d]`` over the suffix part (when asked); suffix_start: column where the padded suffix
-    part begins; lengths: each row's real token count.
+    ``[B, S, d]`` over the (left-padded) suffix part and suffix_logits ``[B, S, V]`` (when asked);
+    prefix_hidden: L+1 tensors ``[p, d]`` of the shared prefix (when hidden states are asked);
+    suffix_start: the shared prefix length p; lengths: each row's real token count.
     """
 
     logits: Tensor
@@ -50,6 +51,14 @@ class Prefilled:
     suffix_logits: Tensor | None
     suffix_start: int
     lengths: list[int]
+    prefix_hidden: tuple[Tensor, ...] | None = None
+
+    def hidden_at(self, entry: int, row: int, position: int) -> Tensor:
+        """Hidden state ``[d]`` of ``entry`` at token ``position`` of ``row`` (needs keep_suffix)."""
+        if position < self.suffix_start:
+            return self.prefix_hidden[entry][position]
+        width = self.suffix_hidden[entry].shape[1]
+        return self.suffix_hidden[entry][row, width - (self.lengths[row] - position)]
 
     def step_inputs(self, next_tokens: Tensor) -> dict:
         """Inputs for the next decoding step; advances the mask and positions in place."""
@@ -61,15 +70,16 @@ class Prefilled:
         return inputs
 
 
-def _prefix_cache(model, prefix: list[int], device) -> object:
+def _prefix_state(model, prefix: list[int], device) -> tuple[object, tuple[Tensor, ...]]:
+    """KV cache and hidden states ``(L+1) × [p, d]`` of one prefix, computed once and kept."""
     key = (id(model), tuple(prefix))
-    cache = _PREFIX_CACHE.get(key)
-    if cache is None:
-        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-        cache = out.past_key_values
+    state = _PREFIX_CACHE.get(key)
+    if state is None:
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, output_hidden_states=True)
+        state = (out.past_key_values, tuple(h[0] for h in out.hidden_states))
         _PREFIX_CACHE.clear()  # keep one prefix: a long run uses one primer
-        _PREFIX_CACHE[key] = cache
-    return cache
+        _PREFIX_CACHE[key] = state
+    return state
 
 
 @torch.no_grad()
@@ -82,11 +92,12 @@ def prefill(
     min_prefix: int = 8,
     output_hidden_states: bool = False,
     keep_suffix: bool = False,
+    suffix_logits: bool = True,
 ) -> Prefilled:
     """Run the prompts of a batch, the shared prefix only once.
 
-    ``keep_suffix`` also returns the hidden states (if ``output_hidden_states``) and logits of
-    every suffix position, e.g. to score answer tokens.
+    ``keep_suffix`` also returns the hidden states (if ``output_hidden_states``) and, with
+    ``suffix_logits``, the logits of every suffix position, e.g. to score answer tokens.
     """
     dev = next(model.parameters()).device
     B = len(token_lists)
@@ -103,12 +114,13 @@ def prefill(
         mask[i, p + width - len(s):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, p:]
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-    cache = None
+    cache, prefix_hidden = None, None
     if p:
-        cache = copy.deepcopy(_prefix_cache(model, list(token_lists[0][:p]), dev))
+        shared_cache, prefix_hidden = _prefix_state(model, list(token_lists[0][:p]), dev)
+        cache = copy.deepcopy(shared_cache)
         if B > 1:
             cache.batch_repeat_interleave(B)
-    logits_to_keep = 0 if keep_suffix else 1
+    logits_to_keep = 0 if keep_suffix and suffix_logits else 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 output_hidden_states=output_hidden_states, logits_to_keep=logits_to_keep)
     hs = out.hidden_states if output_hidden_states else None
@@ -119,7 +131,8 @@ def prefill(
         next_position=pos[:, -1:] + 1,
         hidden_last=tuple(h[:, -1] for h in hs) if hs is not None else None,
         suffix_hidden=hs if (hs is not None and keep_suffix) else None,
-        suffix_logits=out.logits.float() if keep_suffix else None,
+        suffix_logits=out.logits.float() if keep_suffix and suffix_logits else None,
         suffix_start=p,
         lengths=[len(t) for t in token_lists],
+        prefix_hidden=prefix_hidden if output_hidden_states else None,
     )

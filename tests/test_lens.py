@@ -154,7 +154,11 @@ def test_empty_and_too_long_prompts(tiny_llama):
 
 def test_shared_prefix_positions_are_computed_once_with_the_same_result(tiny_llama):
     model, tok = tiny_llama
-    prompts = ["Q: one two three four five six. A: yes", "Q: one two three four five six. A: no way", "Q: one two x"]
+    from earlyexit.prefix import shared_prefix_len
+
+    prompts = ["Q: one two three four five six. A: yes", "Q: one two three four five six. A: no way",
+               "Q: one two three four five six, seven"]
+    assert shared_prefix_len([tok(p)["input_ids"] for p in prompts]) >= 8  # the shared path is taken
     a = lens_stats(model, tok, prompts, positions="all", kl=True, batch_size=3)
     b = lens_stats(model, tok, prompts, positions="all", kl=True, batch_size=3, dedupe_prefix=False)
     ok = a.valid
