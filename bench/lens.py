@@ -67,7 +67,7 @@ def _worker(method: str, n_prompts: int, threads: int, top_k: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=3, help="the naive way needs ~4 GB per prompt")
+    parser.add_argument("--prompts", type=int, default=4, help="the naive way needs ~4 GB per prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top-k", type=int, default=5)

@@ -31,8 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from earlyexit.batching import StopTracker, chunks, encode_prompts, pad_id
-from earlyexit.contrast import (candidate_layers, check_relative_top, contrast_scores, js_distance,
-                                repetition_penalty as apply_repetition_penalty)
+from earlyexit.contrast import (candidate_layers, check_relative_top, js_distance_logprobs,
+                                plausibility_mask, repetition_penalty as apply_repetition_penalty)
 from earlyexit.generation import eos_ids
 from earlyexit.lens import get_unembed
 from earlyexit.prefix import prefill
@@ -124,12 +124,25 @@ def seen_ids(token_lists: Sequence[Sequence[int]], device=None) -> Tensor:
     return out.to(device) if device is not None else out
 
 
+def head_matmul(head: torch.nn.Module, h: Tensor) -> Tensor:
+    """``head(h)`` for a linear head, ``h`` ``[..., d]`` → ``[..., V]``, computed as ``W @ hᵀ``: with a
+    few rows and a large vocabulary this BLAS layout is faster on CPU than ``h @ Wᵀ``."""
+    w = getattr(head, "weight", None)
+    if not isinstance(head, torch.nn.Linear) or w is None or h.dtype != w.dtype:
+        return head(h)
+    flat = h.reshape(-1, h.shape[-1])
+    out = torch.mm(w, flat.t()).t().contiguous()
+    if head.bias is not None:
+        out = out + head.bias
+    return out.view(*h.shape[:-1], w.shape[0])
+
+
 class ContrastHead:
     """Final and premature logits from the last-position hidden states in one matrix product,
     and the DoLa choice per sequence.
 
-    ``candidates``: premature hidden-state entries (C of them); ``lens``: ``"raw"`` (published) or
-    ``"normed"``.
+    Reads ``settings.candidates`` (the C premature hidden-state entries), ``settings.premature_lens``
+    (``"raw"``, the published lens, or ``"normed"``) and ``settings.relative_top``.
     """
 
     def __init__(self, model, settings: DolaSettings):
@@ -148,19 +161,27 @@ class ContrastHead:
         if self.normed:
             h = torch.cat([self.unembed.final_norm(h[:C]), h[C:]])
         u = self.unembed
-        logits = u.postprocess(u.head(h)).float()  # one matmul for all C+1 rows
+        logits = u.postprocess(head_matmul(u.head, h)).float()  # one matmul for all C+1 rows
         return logits[C], logits[:C]
 
     def choose(self, final: Tensor, premature: Tensor) -> tuple[Tensor, Tensor]:
-        """Contrast scores ``[B, V]`` and the chosen entry of each sequence ``[B]`` (hidden-state index)."""
+        """Contrast scores ``[B, V]`` and the chosen entry of each sequence ``[B]`` (hidden-state index).
+
+        Same result as :func:`earlyexit.contrast.select_premature` followed by
+        :func:`earlyexit.contrast.contrast_scores`, with the log-softmaxes computed once."""
         B = final.shape[0]
+        lp_f = torch.log_softmax(final.float(), dim=-1)
+        lp_p = torch.log_softmax(premature.float(), dim=-1)
         if premature.shape[0] == 1:
             idx = torch.zeros(B, dtype=torch.long, device=final.device)
-            chosen = premature[0]
+            lp_c = lp_p[0]
         else:
-            idx = js_distance(final, premature).argmax(0)  # [B]: per sequence, never shared
-            chosen = premature[idx, torch.arange(B, device=final.device)]
-        scores = contrast_scores(final, chosen, relative_top=self.settings.relative_top)
+            idx = js_distance_logprobs(lp_f, lp_p).argmax(0)  # [B]: per sequence, never shared
+            lp_c = lp_p[idx, torch.arange(B, device=final.device)]
+        keep = plausibility_mask(lp_f, self.settings.relative_top)
+        # implausible tokens: premature log-prob floored at PREMATURE_FLOOR, then the score set to −inf
+        # anyway, so one where() gives the same scores
+        scores = torch.where(keep, lp_f - lp_c, float("-inf"))
         return scores, self._entries_t[idx]
 
 
@@ -177,6 +198,7 @@ class _Decoder:
         self.state = prefill(model, token_lists, pad, share_prefix=share_prefix,
                              output_hidden_states=settings.contrast)
         self.seen = seen_ids(token_lists, self.state.logits.device)
+        self._no_padding = bool(self.state.attention_mask.all())
         if settings.contrast:
             hs = self.state.hidden_last
             self._hidden = ([hs[e] for e in self.settings.candidates], hs[self.L])
@@ -199,6 +221,8 @@ class _Decoder:
         """Feed the chosen tokens ``[B]``; the next :meth:`scores` is for the position after them."""
         self.seen = torch.cat([self.seen, next_tokens[:, None]], dim=1)
         inputs = self.state.step_inputs(next_tokens)
+        if self._no_padding:
+            inputs["attention_mask"] = None  # as transformers does: the plain causal path, no mask built
         if self.settings.contrast:
             out = self.base(**inputs, output_hidden_states=True)
             hs = out.hidden_states

@@ -189,7 +189,7 @@ class GroupResult:
         return {"method": self.method, "description": self.description,
                 "n_correct": self.tests.n_correct, "n_wrong": self.tests.n_wrong,
                 "n_unlabelled": int(np.isnan(self.labels).sum()),
-                "token_share": {"correct": self.token_share[0], "wrong": self.token_share[1]},
+                "token_share": dict(zip(("correct", "wrong"), _jsonable(np.array(self.token_share)))),
                 "correct": self.correct.as_dict(), "wrong": self.wrong.as_dict(),
                 "difference_wrong_minus_correct": self.difference.as_dict(),
                 "original_weighting": {"correct": _jsonable(self.original[0]), "wrong": _jsonable(self.original[1])},
@@ -349,15 +349,20 @@ def group_verdict(g: GroupResult, layers: Sequence[int], alpha: float = 0.05) ->
         out["verdict"] = "too few answers"
         return out
     sig_mw = [e for e, p in zip(early, t.mannwhitney_adj[idx]) if p < alpha]
+    sig_perm = [e for e, p in zip(early, t.permutation_adj[idx]) if p < alpha]
     sig_all = [e for e, p in zip(layers, t.mannwhitney_adj) if p < alpha]
     auroc = t.auroc[idx]
     strength = float(np.max(np.abs(auroc - 0.5)))
+    sig_auroc = [a for e, a in zip(early, auroc) if e in sig_mw]
+    direction = ("higher" if all(a > 0.5 for a in sig_auroc) else "lower" if all(a < 0.5 for a in sig_auroc)
+                 else "mixed") if sig_mw else None
     out.update({
-        "significant_early_layers": sig_mw, "significant_layers": sig_all,
-        "difference_early": [float(x) for x in g.difference.estimate[idx]],
+        "significant_early_layers": sig_mw, "significant_early_layers_permutation": sig_perm,
+        "significant_layers": sig_all, "difference_early": [float(x) for x in g.difference.estimate[idx]],
         "auroc_early": [float(x) for x in auroc], "max_abs_auroc_minus_half_early": strength,
-        "separates": bool(sig_mw),
-        "verdict": ("separates" if sig_mw and strength >= 0.1 else "separates weakly" if sig_mw
+        "separates": bool(sig_mw), "wrong_answers_entropy": direction,
+        # AUROC within 0.2 of chance is a weak separation, however small the p-value
+        "verdict": ("separates" if sig_mw and strength >= 0.2 else "separates only weakly" if sig_mw
                     else "does not separate"),
     })
     return out
@@ -382,14 +387,27 @@ def conclusion(study: EntropyStudy, alpha: float = 0.05) -> str:
             continue
         idx = [layers.index(e) for e in early]
         d = g.difference.estimate[idx]
+        k = idx[int(np.nanargmax(np.abs(d)))]
+        j = int(np.nanargmax(np.abs(g.tests.auroc - 0.5)))
         lines.append(
             f"{head} ({100 * g.token_share[0]:.0f}% / {100 * g.token_share[1]:.0f}% of tokens). "
-            f"Wrong − correct mean entropy in the early layers: {_fmt_range(d)} nats; "
+            f"Wrong − correct mean entropy in the early layers: {_fmt_range(d)} nats (largest at layer "
+            f"{layers[k]}: {g.difference.estimate[k]:+.3f}, 95% CI {g.difference.low[k]:+.3f} to "
+            f"{g.difference.high[k]:+.3f}); "
             f"{len(v['significant_early_layers'])} of {len(early)} early layers differ significantly "
             f"(Mann–Whitney on per-question means, {g.tests.correction.capitalize()}-corrected over {len(layers)} "
             f"layers, α = {alpha}), {len(v['significant_layers'])} of {len(layers)} layers overall; "
-            f"early-layer AUROC {np.min(v['auroc_early']):.2f}–{np.max(v['auroc_early']):.2f}. "
-            f"**Early-layer entropy {v['verdict']} correct from wrong answers** for this model and n.")
+            f"the permutation test of the token-weighted difference finds "
+            f"{len(v['significant_early_layers_permutation'])} of {len(early)} early layers; "
+            f"early-layer AUROC {np.min(v['auroc_early']):.2f}–{np.max(v['auroc_early']):.2f}"
+            + (f" (wrong answers have {v['wrong_answers_entropy']} entropy where the difference is significant)"
+               if v["wrong_answers_entropy"] else "") + ". "
+            f"Strongest separation at any layer: layer {layers[j]} (AUROC {g.tests.auroc[j]:.2f}, difference "
+            f"{g.difference.estimate[j]:+.3f} nats, adjusted p {g.tests.mannwhitney_adj[j]:.2g}). "
+            f"**Early-layer entropy {v['verdict']} correct from wrong answers** for this model and n"
+            + (f" (with only {min(v['n_correct'], v['n_wrong'])} answers in the smaller group the test has little "
+               "power: no evidence either way)." if min(v["n_correct"], v["n_wrong"]) < 30 and not v["separates"]
+               else "."))
         oc, ow = g.original
         ratio = np.nanmean(ow[idx]) / np.nanmean(oc[idx]) if np.nanmean(oc[idx]) else float("nan")
         true_ratio = np.nanmean(g.wrong.estimate[idx]) / np.nanmean(g.correct.estimate[idx])

@@ -102,7 +102,8 @@ def generate_with_lens(
         B = len(group)
         tracker = StopTracker(tokenizer, B, stop, eos_ids(tokenizer, model))
         rec = {k: [] for k in ("entropy", "top_ids", "top_probs", "token_probs", "token_ranks", "kl_to_final")}
-        state = prefill(model, group, pad_id(tokenizer), share_prefix=share_prefix, output_hidden_states=True)
+        state = prefill(model, group, pad_id(tokenizer), share_prefix=share_prefix, output_hidden_states=True,
+                        reserve=max_new_tokens)
         logits, hidden_last = state.logits, state.hidden_last
         for _ in range(max_new_tokens):
             hidden = torch.stack([hidden_last[e] for e in entries])  # [E, B, d]

@@ -329,70 +329,84 @@ def cache_key(model_name: str, items: Sequence[TruthfulQAItem], layers: Sequence
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-def mc_raw_cached(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: str = "raw",
-                  cache_dir: str | Path = "results", part: tuple[int, int] | None = None,
-                  checkpoint_every: int = 25, progress: bool = False) -> list[QuestionRaw]:
-    """:func:`mc_raw` whose result is kept in ``cache_dir/cache`` keyed by model, questions, layers and lens.
-
-    The run checkpoints every ``checkpoint_every`` questions (atomically) and resumes from the
-    checkpoint. ``part=(start, stop)`` computes only ``items[start:stop]`` (to split a long run over
-    processes); a later call without ``part`` assembles the parts when they cover every question.
-    """
+def _stem(model, items: Sequence[TruthfulQAItem], layers: Sequence[int], lens: str) -> str:
     from earlyexit.models import model_name
 
     name = model_name(model)
-    key = cache_key(name, items, layers, lens)
+    return f"dola_mc_raw_{Path(name).name}_n{len(items)}_{cache_key(name, items, layers, lens)}"
+
+
+def mc_raw_cached(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: str = "raw",
+                  cache_dir: str | Path = "results", worker: tuple[int, int] | None = None, order_seed: int = 0,
+                  checkpoint_every: int = 5, progress: bool = False) -> list[QuestionRaw]:
+    """:func:`mc_raw` whose result is kept in ``cache_dir/cache`` keyed by model, questions, layers and lens.
+
+    Questions run in a seeded random order (so an unfinished run holds a random subset, see
+    :func:`mc_raw_available`), checkpointed every ``checkpoint_every`` questions (atomically); a new
+    call skips every question any earlier or concurrent run has saved. ``worker=(k, K)`` takes every
+    K-th question of that order from the k-th on, to split a long run over K processes; the call
+    that completes the set writes the whole cache file. Returns all questions when the set is
+    complete, else the ones available (with a worker: after its share is done).
+    """
     folder = Path(cache_dir) / "cache"
-    stem = f"dola_mc_raw_{Path(name).name}_n{len(items)}_{key}"
+    stem = _stem(model, items, layers, lens)
     path = folder / f"{stem}.pt"
     if path.exists():
         return _from_records(torch.load(path, weights_only=False))
-    lo, hi = (0, len(items)) if part is None else part
-    if not 0 <= lo < hi <= len(items):
-        raise ValueError(f"part {part} must satisfy 0 <= start < stop <= {len(items)}")
-    if part is None:
-        merged = _assemble_parts(folder, stem, len(items))
-        if merged is not None:
-            _save(path, merged)
-            return _from_records(merged)
-    else:
-        path = folder / f"{stem}.part{lo}-{hi}.pt"
-        if path.exists():
-            return _from_records(torch.load(path, weights_only=False))
-    partial = path.with_suffix(".partial.pt")
-    done: list[dict] = torch.load(partial, weights_only=False) if partial.exists() else []
-    questions = [mc_question(it) for it in items[lo:hi]]
-    primer = _PrimerCache(model, primer_ids(tokenizer))
-    bar = tqdm(total=len(questions), initial=len(done), desc="MC", disable=not progress)
-    for q in questions[len(done):]:
-        done.append(_to_record(question_raw(model, tokenizer, q, layers=layers, lens=lens, primer=primer)))
+    k, K = (0, 1) if worker is None else worker
+    if not 0 <= k < K:
+        raise ValueError(f"worker {worker} must be (k, K) with 0 <= k < K")
+    n = len(items)
+    have = _load_all(folder, stem)
+    order = np.random.default_rng(order_seed).permutation(n)[k::K]
+    todo = [int(i) for i in order if int(i) not in have]
+    mine_path = folder / f"{stem}.w{k}of{K}.partial.pt"
+    mine: dict[int, dict] = torch.load(mine_path, weights_only=False) if mine_path.exists() else {}
+    todo = [i for i in todo if i not in mine]
+    primer = _PrimerCache(model, primer_ids(tokenizer)) if todo else None
+    bar = tqdm(total=len(todo), desc=f"MC (worker {k}/{K})", disable=not progress)
+    for j, i in enumerate(todo):
+        mine[i] = _to_record(question_raw(model, tokenizer, mc_question(items[i]), layers=layers, lens=lens,
+                                          primer=primer))
         bar.update(1)
-        if len(done) % checkpoint_every == 0 and len(done) < len(questions):
-            _save(partial, done)
+        if (j + 1) % checkpoint_every == 0 or j + 1 == len(todo):
+            _save(mine_path, mine)
     bar.close()
-    _save(path, done)
-    if partial.exists():
-        partial.unlink()
-    return _from_records(done)
+    have = _load_all(folder, stem)
+    if len(have) == n:
+        _save(path, [have[i] for i in range(n)])
+        for f in folder.glob(f"{stem}.*.pt"):
+            f.unlink(missing_ok=True)
+    return _from_records([have[i] for i in sorted(have)])
 
 
-def _assemble_parts(folder: Path, stem: str, n: int) -> list[dict] | None:
-    """The records of finished part files that tile ``0..n`` exactly, else None."""
+def mc_raw_available(model, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: str = "raw",
+                     cache_dir: str | Path = "results") -> list[QuestionRaw]:
+    """The questions already computed by :func:`mc_raw_cached` runs (finished or checkpointed, one
+    process or several) for these items, layers and lens, in question order, computing nothing."""
+    have = _load_all(Path(cache_dir) / "cache", _stem(model, items, layers, lens))
+    return _from_records([have[i] for i in sorted(have)])
+
+
+def _load_all(folder: Path, stem: str) -> dict[int, dict]:
+    """Records by question position from every cache file of ``stem`` (whole, contiguous parts
+    ``.partA-B[.partial].pt``, or workers' ``.w{k}of{K}.partial.pt`` dicts)."""
     import re
 
-    parts = {}
-    for f in folder.glob(f"{stem}.part*-*.pt"):
-        m = re.fullmatch(re.escape(stem) + r"\.part(\d+)-(\d+)\.pt", f.name)
-        if m:
-            parts[int(m.group(1))] = (int(m.group(2)), f)
-    out, at = [], 0
-    while at < n:
-        if at not in parts:
-            return None
-        stop, f = parts[at]
-        out.extend(torch.load(f, weights_only=False))
-        at = stop
-    return out if at == n and len(out) == n else None
+    found: dict[int, dict] = {}
+    if not folder.exists():
+        return found
+    for f in sorted(folder.glob(f"{stem}*.pt")):
+        m = re.fullmatch(re.escape(stem) + r"(?:\.part(\d+)-(\d+)|\.w\d+of\d+)?(\.partial)?\.pt", f.name)
+        if not m:
+            continue
+        data = torch.load(f, weights_only=False)
+        if isinstance(data, dict):
+            found.update({int(i): r for i, r in data.items()})
+        else:
+            start = int(m.group(1)) if m.group(1) else 0
+            found.update({start + i: r for i, r in enumerate(data)})
+    return found
 
 
 def _save(path: Path, records: list[dict]) -> None:

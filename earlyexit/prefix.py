@@ -82,6 +82,15 @@ def _prefix_state(model, prefix: list[int], device) -> tuple[object, tuple[Tenso
     return state
 
 
+def _sliding_window(model) -> int | None:
+    cfg = model.config
+    get_text = getattr(cfg, "get_text_config", None)
+    if get_text is not None:
+        cfg = get_text()
+    window = getattr(cfg, "sliding_window", None)
+    return int(window) if window else None
+
+
 @torch.no_grad()
 def prefill(
     model,
@@ -93,16 +102,23 @@ def prefill(
     output_hidden_states: bool = False,
     keep_suffix: bool = False,
     suffix_logits: bool = True,
+    reserve: int = 0,
 ) -> Prefilled:
     """Run the prompts of a batch, the shared prefix only once.
 
     ``keep_suffix`` also returns the hidden states (if ``output_hidden_states``) and, with
     ``suffix_logits``, the logits of every suffix position, e.g. to score answer tokens.
+    ``reserve``: tokens that will be decoded after the prefill. With sliding-window attention the
+    prefix is shared only while the whole sequence fits the window (a cropped window cache and a
+    padding gap in the middle of the sequence do not mix).
     """
     dev = next(model.parameters()).device
     B = len(token_lists)
     p = shared_prefix_len(token_lists) if share_prefix else 0
     if p < min_prefix:
+        p = 0
+    window = _sliding_window(model)
+    if p and window is not None and max(len(t) for t in token_lists) + reserve > window:
         p = 0
     suffixes = [list(t[p:]) for t in token_lists]
     width = max(len(s) for s in suffixes)

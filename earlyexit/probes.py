@@ -147,23 +147,57 @@ class Standardizer:
         return (x - self.mean) / self.std
 
 
-class MLPProbe:
-    """A trained MLP; :meth:`predict_proba` gives p(true) ``[n]`` for features ``[n, d]``."""
+class StackedMLP(nn.Module):
+    """P independent MLPs d→h1→…→1 (ReLU) evaluated together: x ``[P, n, d]`` → logits ``[P, n]``.
 
-    def __init__(self, net: nn.Module, scaler: Standardizer | None, train_losses: list[float]):
-        self.net, self.scaler, self.train_losses = net, scaler, train_losses
+    Probe p's weights are initialised exactly like ``nn.Linear`` layers built after
+    ``torch.manual_seed(seeds[p])``, so a probe does not depend on which others share the stack.
+    """
+
+    def __init__(self, seeds: Sequence[int], dims: Sequence[int]):
+        super().__init__()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        per_probe = []
+        for seed in seeds:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                per_probe.append([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        for i in range(len(dims) - 1):
+            self.weights.append(nn.Parameter(torch.stack([lin[i].weight.detach().T for lin in per_probe])))
+            self.biases.append(nn.Parameter(torch.stack([lin[i].bias.detach() for lin in per_probe]).unsqueeze(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = torch.relu(x)
+        return x.squeeze(-1)
+
+
+class MLPProbe:
+    """Trained MLP probe(s). :meth:`predict_proba` maps features ``[n, d]`` (one probe) or
+    ``[n, P, d]`` (a stack) to p(true) ``[n]`` or ``[n, P]``."""
+
+    def __init__(self, net: StackedMLP, scalers: list[Standardizer] | None, train_losses: np.ndarray):
+        self.net, self.scalers, self.train_losses = net, scalers, train_losses  # losses [epochs, P]
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        x = self.scaler(x) if self.scaler is not None else x
-        logits = self.net(torch.as_tensor(np.asarray(x, dtype=np.float32))).squeeze(-1)
-        return torch.sigmoid(logits).numpy().astype(np.float64)
+        x = np.asarray(x)
+        single = x.ndim == 2
+        xs = x[:, None, :] if single else x
+        if self.scalers is not None:
+            xs = np.stack([sc(xs[:, p]) for p, sc in enumerate(self.scalers)], axis=1)
+        xt = torch.as_tensor(np.ascontiguousarray(xs.transpose(1, 0, 2), dtype=np.float32))
+        proba = torch.sigmoid(self.net(xt)).numpy().astype(np.float64).T  # [n, P]
+        return proba[:, 0] if single else proba
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != 2:
-        raise ValueError(f"features must be [n, d], got shape {x.shape}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"features must be [n, d] (or [n, P, d] for a stack), got shape {x.shape}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"labels must be [n={x.shape[0]}], got shape {y.shape}")
     if x.shape[0] == 0:
@@ -174,37 +208,45 @@ def _check_xy(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def train_mlp(x: np.ndarray, y: np.ndarray, config: MLPConfig = MLPConfig()) -> MLPProbe:
-    """Train the MLP on features ``x [n, d]`` and labels ``y [n]``; deterministic for a seed."""
+def train_mlp(x: np.ndarray, y: np.ndarray, config: MLPConfig = MLPConfig(),
+              init_seeds: Sequence[int] | None = None) -> MLPProbe:
+    """Train the MLP on features ``x [n, d]`` and labels ``y [n]``; deterministic for a seed.
+
+    ``x [n, P, d]`` trains P independent probes (e.g. one per layer) in one pass: they see the same
+    minibatch order, each its own weights and its own Adam state (Adam is element-wise, and the
+    summed loss leaves each probe's gradient its own), so each equals a probe trained alone.
+    ``config.seed`` fixes the minibatch order; ``init_seeds`` (default ``config.seed + p``) each
+    probe's initial weights.
+    """
     x, y = _check_xy(x, y)
-    scaler = Standardizer(x) if config.standardize else None
-    xt = torch.as_tensor(np.asarray(scaler(x) if scaler else x, dtype=np.float32))
+    xs = x[:, None, :] if x.ndim == 2 else x
+    n, P, d = xs.shape
+    scalers = [Standardizer(xs[:, p]) for p in range(P)] if config.standardize else None
+    if scalers is not None:
+        xs = np.stack([sc(xs[:, p]) for p, sc in enumerate(scalers)], axis=1)
+    xt = torch.as_tensor(np.ascontiguousarray(xs.transpose(1, 0, 2), dtype=np.float32))  # [P, n, d]
     yt = torch.as_tensor(y, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        dims = (x.shape[1], *config.hidden)
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        net = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+    seeds = list(init_seeds) if init_seeds is not None else [config.seed + p for p in range(P)]
+    if len(seeds) != P:
+        raise ValueError(f"{len(seeds)} init seeds for {P} probes")
+    net = StackedMLP(seeds, (d, *config.hidden, 1))
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    loss_fn = nn.BCEWithLogitsLoss()
-    epoch_losses = []
-    net.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(yt), generator=gen)
-        total = 0.0
-        for s in range(0, len(order), config.batch_size):
+    losses = np.zeros((config.epochs, P))
+    for epoch in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        total = torch.zeros(P)
+        for s in range(0, n, config.batch_size):
             idx = order[s:s + config.batch_size]
             opt.zero_grad()
-            loss = loss_fn(net(xt[idx]).squeeze(-1), yt[idx])
-            loss.backward()
+            logits = net(xt[:, idx])  # [P, b]
+            per_probe = nn.functional.binary_cross_entropy_with_logits(
+                logits, yt[idx].expand(P, -1), reduction="none").mean(1)
+            per_probe.sum().backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        epoch_losses.append(total / len(yt))
-    net.eval()
-    return MLPProbe(net, scaler, epoch_losses)
+            total += per_probe.detach() * len(idx)
+        losses[epoch] = (total / n).numpy()
+    return MLPProbe(net, scalers, losses)
 
 
 def train_logreg(x: np.ndarray, y: np.ndarray, *, C: float = 1.0, max_iter: int = 2000, seed: int = 0):
@@ -333,14 +375,36 @@ VARIANTS: dict[str, tuple[str, MLPConfig | None]] = {
 VARIANT_LABELS = {"mlp": "MLP", "mlp_raw": "MLP, raw input (original)", "logreg": "Logistic regression"}
 
 
-def _fit_variant(variant: str, x: np.ndarray, labels: np.ndarray, split: Split, seed: int, layer: int,
-                 n_boot: int) -> ProbeResult:
+def fit_layers(variant: str, x: np.ndarray, labels: np.ndarray, split: Split, layers: Sequence[int], *,
+               seed: int = 0, n_boot: int = 2000) -> dict[int, ProbeResult]:
+    """Fit probe ``variant`` on each of ``layers`` of features ``x [N, E, D]``.
+
+    MLPs of all layers train together in one stack (see :func:`train_mlp`); the probe of layer l
+    starts from seed ``seed + l``, so it is the same whichever other layers are fitted with it.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"Unknown probe variant {variant!r}; variants are {list(VARIANTS)}.")
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[0] != len(labels):
+        raise ValueError(f"features must be [N={len(labels)}, E, D], got shape {x.shape}")
+    layers = check_taps(layers, x.shape[1])
     probe, cfg = VARIANTS[variant]
-    res = fit_probe(probe, x, labels, split, mlp_config=cfg or MLPConfig(), seed=seed, layer=layer, n_boot=n_boot)
-    res.probe = variant
-    return res
+    out: dict[int, ProbeResult] = {}
+    if probe == "mlp":
+        cfg = MLPConfig(**{**asdict(cfg), "seed": seed})
+        model = train_mlp(x[split.train_idx][:, layers], labels[split.train_idx], cfg,
+                          init_seeds=[seed + layer for layer in layers])
+        proba = model.predict_proba(x[:, layers])  # [N, P]
+        for p, layer in enumerate(layers):
+            pr = proba[:, p]
+            out[layer] = ProbeResult(variant, layer, pr, metrics(split, labels, (pr > 0.5).astype(int), pr,
+                                                                 n_boot=n_boot, seed=seed))
+    else:
+        for layer in layers:
+            res = fit_probe(probe, x[:, layer], labels, split, seed=seed, layer=layer, n_boot=n_boot)
+            res.probe = variant
+            out[layer] = res
+    return out
 
 
 def baseline_rows(feats, tokenizer, split: Split, n_boot: int = 2000, seed: int = 0) -> list[dict]:
@@ -375,11 +439,12 @@ def split_report(feats, tokenizer, split: Split, *, kinds: Sequence[str], taps: 
     jobs = []
     for kind in kinds:
         for v in dict.fromkeys((*curve_variants, *tap_variants)):
-            layers = range(E) if (all_layers and v in curve_variants) else taps
-            jobs += [(kind, v, layer) for layer in layers if v in curve_variants or layer in taps]
+            layers = list(range(E)) if (all_layers and v in curve_variants) else taps
+            jobs.append((kind, v, layers))
     fitted: dict[tuple[str, str, int], ProbeResult] = {}
-    for kind, v, layer in tqdm(jobs, desc=f"probes {split.name}", disable=not progress):
-        fitted[kind, v, layer] = _fit_variant(v, feats.get(kind)[:, layer], labels, split, seed, layer, n_boot)
+    for kind, v, layers in tqdm(jobs, desc=f"probes {split.name}", disable=not progress):
+        for layer, res in fit_layers(v, feats.get(kind), labels, split, layers, seed=seed, n_boot=n_boot).items():
+            fitted[kind, v, layer] = res
     table = baseline_rows(feats, tokenizer, split, n_boot, seed)
     for kind in kinds:
         for v in tap_variants:
@@ -415,11 +480,13 @@ def loto_summary(reports: Sequence[dict]) -> list[dict]:
 
 
 def condition_report(feats, tokenizer, *, kinds: Sequence[str] = ("hidden", "lens"),
-                     taps: Sequence[int] | None = None, loto: bool = True, seed: int = 0, n_boot: int = 2000,
-                     progress: bool = False) -> dict:
-    """Original split (table + per-layer curves for every layer and kind) and, with ``loto``,
-    leave-one-topic-out over the topics present among the six (tap layers and majority vote only,
-    to keep the cost down)."""
+                     taps: Sequence[int] | None = None, loto: bool = True,
+                     loto_kinds: Sequence[str] | None = None, loto_variants: Sequence[str] = ("mlp", "logreg"),
+                     seed: int = 0, n_boot: int = 2000, progress: bool = False) -> dict:
+    """Original split: the table (baselines; every variant at the tap layers and their majority
+    vote) and per-layer curves for every layer and kind. With ``loto``: leave-one-topic-out over
+    the topics present among the six, restricted to the tap layers and majority vote of
+    ``loto_variants`` on ``loto_kinds`` (default: all ``kinds``) to keep the cost down."""
     L = len(feats.layers) - 1
     taps = check_taps(taps if taps is not None else tap_layers(L), L + 1)
     original = split_report(feats, tokenizer, original_split(feats.topics), kinds=kinds, taps=taps, seed=seed,
@@ -427,9 +494,12 @@ def condition_report(feats, tokenizer, *, kinds: Sequence[str] = ("hidden", "len
     out = {"taps": taps, "original": original}
     if loto:
         present = [t for t in SIX_TOPICS if t in set(feats.topics)]
-        reports = [split_report(feats, tokenizer, sp, kinds=kinds, taps=taps, all_layers=False, seed=seed,
-                                n_boot=n_boot, progress=progress)
+        lk = list(loto_kinds) if loto_kinds is not None else list(kinds)
+        reports = [split_report(feats, tokenizer, sp, kinds=lk, taps=taps, all_layers=False,
+                                curve_variants=tuple(loto_variants), tap_variants=tuple(loto_variants),
+                                seed=seed, n_boot=n_boot, progress=progress)
                    for sp in leave_one_topic_out(feats.topics, present)]
         out["loto"] = reports
+        out["loto_settings"] = {"kinds": lk, "variants": list(loto_variants), "layers": taps}
         out["loto_summary"] = loto_summary(reports)
     return out

@@ -53,6 +53,20 @@ def test_distance_direction_by_hand():
     assert want.argmax() == 1
 
 
+def test_fast_distance_equals_kl_div_formula():
+    """The written-out distance equals the published F.kl_div formula, extreme logits included."""
+    torch.manual_seed(0)
+    final = torch.randn(3, 50) * 60  # probabilities that underflow to 0 in float32: 0·log 0 = 0
+    prem = torch.randn(4, 3, 50) * 60
+    lp_f, lp_j = torch.log_softmax(final, -1)[None], torch.log_softmax(prem, -1)
+    m = 0.5 * (lp_f.exp() + lp_j.exp())
+    kl = torch.nn.functional.kl_div
+    want = 0.5 * (kl(lp_f.expand_as(lp_j), m, reduction="none").mean(-1) + kl(lp_j, m, reduction="none").mean(-1))
+    got = js_distance(final, prem)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_contrast_by_hand_mask_floor_and_choice(tiny_llama):
     final = [3.0, 1.0, 0.5, -2.0]
     prem = [0.0, 2.0, 1.0, float("-inf")]  # token 3: premature log-prob -inf, filtered anyway

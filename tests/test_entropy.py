@@ -191,6 +191,20 @@ def test_conclusion_says_too_few_when_a_group_is_tiny():
     assert early_layers(list(range(31))) == list(range(1, 8))
 
 
+def test_verdict_follows_the_numbers():
+    a = _answers(80, seed=4)
+    f1 = np.where(np.arange(80) < 40, 0.9, 0.5)  # first half correct
+    s = _scores(f1, f1, np.full(80, 0.7))
+    a.means[40:, 1] += 1.0  # wrong answers: higher entropy at early layer 1 only
+    _, groups = analyse(a, s, methods=["threshold"], n_boot=50, n_perm=200)
+    v = group_verdict(groups["threshold"], a.layers)
+    assert v["verdict"] == "separates" and v["wrong_answers_entropy"] == "higher"
+    assert v["significant_early_layers"] == [1]
+    a.means[40:, 1] -= 1.0
+    _, groups = analyse(a, s, methods=["threshold"], n_boot=50, n_perm=200)
+    assert group_verdict(groups["threshold"], a.layers)["verdict"] == "does not separate"
+
+
 # --- generation: stop strings, batching, cache -----------------------------------------------------
 
 def test_stop_string_per_sequence_in_a_batch(tokenizer):

@@ -166,3 +166,16 @@ def test_shared_prefix_positions_are_computed_once_with_the_same_result(tiny_lla
     assert torch.allclose(a.entropy[ok.unsqueeze(1).expand_as(a.entropy)],
                           b.entropy[ok.unsqueeze(1).expand_as(b.entropy)], atol=1e-4)
     assert torch.allclose(a.kl_to_final.nan_to_num(), b.kl_to_final.nan_to_num(), atol=1e-4)
+
+
+def test_sliding_window_model_gives_the_same_result_with_a_long_shared_prefix(tokenizer):
+    from tests.conftest import _tiny
+
+    model = _tiny("gemma")  # sliding window 64
+    primer = "Q: one two three four five six seven eight nine ten. " * 8
+    prompts = [primer + "A: yes", primer + "A: no way at all"]
+    assert len(tokenizer(prompts[0])["input_ids"]) > 64
+    batched = lens_stats(model, tokenizer, prompts, positions=[-1, -3], batch_size=2)
+    for i, p in enumerate(prompts):
+        single = lens_stats(model, tokenizer, [p], positions=[-1, -3], batch_size=1)
+        assert torch.allclose(batched.entropy[i], single.entropy[0], atol=1e-4)

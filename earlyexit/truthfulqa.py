@@ -1,0 +1,214 @@
+"""The TruthfulQA evaluation of ``dola.ipynb``: MC and open-ended runs, cached, with their tables.
+
+Raw outputs are cached in ``results_dir`` (MC: per-token log-probs in ``results_dir/cache``; answers:
+``dola_generate_<decoding>.json``, the same files the CLI writes), keyed by model, questions and
+settings, so re-running the notebook after the full runs costs only the scoring.
+
+>>> mc = run_mc(model, tok, items, results_dir="results")            # doctest: +SKIP
+>>> mc_rows(mc)                                                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from earlyexit.atomic import write_json
+from earlyexit.data import TruthfulQAItem
+from earlyexit.mc import METRICS, evaluate, mc_layers, mc_raw_available, mc_raw_cached, static_cross_validation
+from earlyexit.openended import generate_answers, generation_settings, score_completions_cached, summarise_rows
+
+# Figures quoted from the literature, shown beside ours with the model they come from.
+PAPER_MC = {  # DoLa paper (Chuang et al. 2023), TruthfulQA MC, LLaMA-7B — quoted from the paper
+    "model": "LLaMA-7B (quoted from the DoLa paper)",
+    "vanilla": {"mc1": 0.256, "mc2": 0.406, "mc3": 0.192},
+    "dola": {"mc1": 0.322, "mc2": 0.638, "mc3": 0.321},
+}
+STUDY_OPEN_ENDED = {  # the original study's table (Llama-7B-class generations), see protocols Part 4
+    "model": "Llama-7B-class (the original study's table)",
+    "vanilla": {"bleu": 0.2444, "rouge_l": 0.4098, "bertscore": 0.9005},
+    "dola": {"bleu": 0.1639, "rouge_l": 0.3470, "bertscore": 0.8919},
+    "bertscore_model": "roberta-large",
+}
+
+
+def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
+           lens: str = "raw", n_boot: int = 2000, seed: int = 0, allow_partial: bool = False,
+           progress: bool = False) -> dict[str, Any]:
+    """Vanilla, DoLa high, DoLa low and static DoLa (layer chosen by 2-fold cross-validation) from one
+    pass over the questions; writes ``results_dir/dola_mc.json`` and returns its content.
+
+    ``allow_partial`` evaluates only the questions an unfinished cached run has done (``n`` says how
+    many) instead of computing the rest."""
+    from earlyexit.meta import run_metadata
+
+    layers = mc_layers(model)
+    raws = mc_raw_available(model, items, layers=layers["all"], lens=lens, cache_dir=results_dir) if allow_partial else []
+    if len(raws) == len(items) or not raws:
+        raws = mc_raw_cached(model, tokenizer, items, layers=layers["all"], lens=lens, cache_dir=results_dir,
+                             progress=progress)
+    results = {
+        "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
+        "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
+        "dola-low": evaluate(raws, "dola", candidates=layers["low"], n_boot=n_boot, seed=seed),
+    }
+    cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
+    results["dola-static (2-fold CV)"] = cv["cross_fitted"]
+    doc = {
+        "meta": run_metadata(model, len(raws), lens=lens, questions_requested=len(items),
+                             complete=len(raws) == len(items), buckets=layers, plausibility=False,
+                             answer_format="' ' + answer, '.' appended when missing",
+                             static_selection=cv["cross_fitted"].settings["selection"], n_boot=n_boot, seed=seed),
+        "decodings": {k: r.as_dict() for k, r in results.items()},
+        "static": {"folds": cv["folds"], "in_sample": cv["in_sample"], "criterion": cv["criterion"]},
+        "paper": PAPER_MC,
+    }
+    write_json(Path(results_dir) / "dola_mc.json", doc)
+    return doc
+
+
+def mc_rows(doc: dict) -> list[dict]:
+    """One row per decoding: estimates with their 95% CIs, n, the candidate layers."""
+    rows = []
+    for name, r in doc["decodings"].items():
+        row: dict[str, Any] = {"decoding": name, "n": r["n"]}
+        for k in METRICS:
+            ci = r["ci"][k]
+            row[k] = f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+        row["layers"] = r["settings"]["candidates"] if name != "vanilla" else "-"
+        rows.append(row)
+    for name in ("vanilla", "dola"):
+        p = doc["paper"][name]
+        rows.append({"decoding": f"{name} — {doc['paper']['model']}", "n": 817,
+                     **{k: f"{p[k]:.3f}" for k in ("mc1", "mc2", "mc3")}, "mc2_norm": "-", "layers": "-"})
+    return rows
+
+
+def run_open_ended(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
+                   batch_size: int = 16, bertscore: str = "minilm", n_boot: int = 2000, seed: int = 0,
+                   allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Vanilla (penalty 1.0) and DoLa-high (1.2) answers (reusing ``dola_generate_<decoding>.json``
+    when they hold this model, these questions and settings), scored; writes ``dola_scores.json``.
+
+    ``allow_partial`` scores an unfinished answers file on the questions it has (reported as such)
+    instead of finishing it.
+    """
+    import json
+
+    from earlyexit.meta import run_metadata
+    from earlyexit.models import model_name
+
+    out: dict[str, Any] = {"generations": {}, "scores": {}}
+    for decoding in ("vanilla", "dola"):
+        settings = generation_settings(decoding, batch_size=batch_size)
+        path = Path(results_dir) / f"dola_generate_{decoding}.json"
+        doc = None
+        if allow_partial and path.exists():
+            doc = json.loads(path.read_text())
+            meta = doc.get("meta", {})
+            if meta.get("settings") != settings or meta.get("model") != model_name(model) or not doc.get("items"):
+                doc = None
+        if doc is None:
+            doc = generate_answers(model, tokenizer, items, settings, out=path, progress=progress)
+        by_index = {it.index: it for it in items}
+        rows = [r for r in doc["items"] if r["index"] in by_index]
+        scores = score_completions_cached([by_index[r["index"]] for r in rows], [r["completion"] for r in rows],
+                                          bertscore=bertscore, cache_dir=results_dir, n_boot=n_boot, seed=seed)
+        out["generations"][decoding] = doc
+        out["scores"][decoding] = {**scores.summary, "settings": settings, "complete": bool(doc.get("complete")),
+                                   "items": scores.items}
+    sets = {k: {r["index"] for r in v["items"]} for k, v in out["scores"].items()}
+    common = set.intersection(*sets.values())
+    if any(s != common for s in sets.values()) and common:
+        # an unfinished run: also compare both decodings on the questions both answered
+        for k in list(out["scores"]):
+            v = out["scores"][k]
+            rows = [r for r in v["items"] if r["index"] in common]
+            out["scores"][f"{k} (the {len(common)} questions both answered)"] = {
+                **summarise_rows(rows, n_boot=n_boot, seed=seed), "settings": v["settings"],
+                "complete": v["complete"], "items": []}
+    write_json(Path(results_dir) / "dola_scores.json",
+               {"meta": run_metadata(model, len(items), bertscore=bertscore, n_boot=n_boot, seed=seed),
+                "study": STUDY_OPEN_ENDED, **out["scores"]})
+    return out
+
+
+OPEN_METRICS = ("bleu", "rouge_l", "bertscore", "bleu_diff", "bleu_acc", "rouge_l_diff", "rouge_l_acc",
+                "bertscore_diff", "bertscore_acc")
+
+
+def open_ended_rows(scores: dict[str, dict]) -> list[dict]:
+    """One row per decoding (estimate [95% CI]) and the original study's row for each."""
+    rows = []
+    for name, s in scores.items():
+        row: dict[str, Any] = {"decoding": name, "n": s["n"], "complete": s["complete"]}
+        for k in OPEN_METRICS:
+            ci = s[k]
+            row[k] = f"{ci['estimate']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]"
+        rows.append(row)
+    for name in ("vanilla", "dola"):
+        st = STUDY_OPEN_ENDED[name]
+        rows.append({"decoding": f"{name} — {STUDY_OPEN_ENDED['model']}", "n": 817, "complete": True,
+                     **{k: f"{st[k]:.4f}" if k in st else "-" for k in OPEN_METRICS}})
+    return rows
+
+
+def premature_histograms(mc_doc: dict, generations: dict[str, dict]) -> dict[str, Counter]:
+    """Counts of chosen premature layers: MC answer tokens (high, low buckets) and DoLa answer tokens."""
+    out = {f"MC tokens, {k}": Counter({int(l): c for l, c in mc_doc["decodings"][k]["premature_counts"].items()})
+           for k in ("dola-high", "dola-low")}
+    if "dola" in generations:
+        out["generated tokens, DoLa high"] = Counter(
+            int(l) for r in generations["dola"]["items"] for l in r["premature_layers"] if l is not None)
+    return out
+
+
+def side_by_side(items: Sequence[TruthfulQAItem], generations: dict[str, dict], k: int = 6,
+                 seed: int = 0) -> list[dict]:
+    """``k`` questions (seeded choice among those answered by both decodings) with the Best Answer
+    and both answers."""
+    import random
+
+    by = {name: {r["index"]: r["completion"] for r in g["items"]} for name, g in generations.items()}
+    common = [it for it in items if all(it.index in d for d in by.values())]
+    pick = sorted(random.Random(seed).sample(range(len(common)), min(k, len(common))))
+    return [{"question": common[i].question, "best answer": common[i].best_answer,
+             **{name: by[name][common[i].index] for name in by}} for i in pick]
+
+
+def paired_differences(mc_doc: dict, base: str = "vanilla", n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Per decoding, the mean per-question difference to ``base`` for each metric, with a paired 95%
+    bootstrap CI (the same resampled questions for both)."""
+    import numpy as np
+
+    from earlyexit.bootstrap import bootstrap_ci
+
+    ref = {it["index"]: it for it in mc_doc["decodings"][base]["items"]}
+    rows = []
+    for name, r in mc_doc["decodings"].items():
+        if name == base:
+            continue
+        row: dict[str, Any] = {"decoding": f"{name} − {base}"}
+        for k in METRICS:
+            d = np.array([it[k] - ref[it["index"]][k] for it in r["items"]])
+            ci = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+            row[k] = f"{ci.estimate:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+        rows.append(row)
+    return rows
+
+
+def mc2_saturation(mc_doc: dict, tol: float = 1e-3) -> list[dict]:
+    """Share of questions whose MC2 is within ``tol`` of 0 or 1, and the correlation of the summed DoLa
+    score with answer length (why MC2 of summed contrast scores saturates; see protocols Part 4)."""
+    import numpy as np
+
+    rows = []
+    for name, r in mc_doc["decodings"].items():
+        mc2 = np.array([it["mc2"] for it in r["items"]])
+        mc2n = np.array([it["mc2_norm"] for it in r["items"]])
+        spread = np.array([max(it["scores_true"] + it["scores_false"]) - min(it["scores_true"] + it["scores_false"])
+                           for it in r["items"]])
+        rows.append({"decoding": name, "MC2 saturated (≤tol or ≥1−tol)": float(np.mean((mc2 <= tol) | (mc2 >= 1 - tol))),
+                     "length-normalised MC2 saturated": float(np.mean((mc2n <= tol) | (mc2n >= 1 - tol))),
+                     "median score spread within a question (nats)": float(np.median(spread))})
+    return rows
