@@ -4,6 +4,7 @@
 >>> model, tok = earlyexit.load_model("smollm2-135m")                    # doctest: +SKIP
 >>> r = earlyexit.lens_stats(model, tok, ["The capital of France is"])   # doctest: +SKIP
 """
+from earlyexit import dola
 from earlyexit.arch import ARCHITECTURES, ArchSpec, resolve_arch
 from earlyexit.data import load_general_knowledge, load_true_false, load_truthfulqa
 from earlyexit.generation import LensGeneration, generate_with_lens
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "resolve_arch", "Unembed", "load_model", "DEFAULT_MODEL", "EMBEDDED_MODELS",
     "lens_stats", "LensResult", "answer_span", "depth_layers", "generate_with_lens", "LensGeneration",
-    "load_truthfulqa", "load_true_false", "load_general_knowledge",
+    "load_truthfulqa", "load_true_false", "load_general_knowledge", "dola",
 ]

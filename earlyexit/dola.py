@@ -189,14 +189,14 @@ class _Decoder:
     """The KV-cached decoding state of one batch: prefill once, then one token per step."""
 
     def __init__(self, model, settings: DolaSettings, token_lists: Sequence[Sequence[int]], pad: int,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, reserve: int = 0):
         self.model = model
         self.settings = settings
         self.head = ContrastHead(model, settings) if settings.contrast else None
         self.base = model.base_model
         self.L = get_unembed(model).n_layers
         self.state = prefill(model, token_lists, pad, share_prefix=share_prefix,
-                             output_hidden_states=settings.contrast)
+                             output_hidden_states=settings.contrast, reserve=reserve)
         self.seen = seen_ids(token_lists, self.state.logits.device)
         self._no_padding = bool(self.state.attention_mask.all())
         if settings.contrast:
@@ -292,7 +292,7 @@ def generate(
     for start, group in chunks(token_lists, batch_size):
         B = len(group)
         tracker = StopTracker(tokenizer, B, stop, eos)
-        dec = _Decoder(model, settings, group, pad, share_prefix=share_prefix)
+        dec = _Decoder(model, settings, group, pad, share_prefix=share_prefix, reserve=max_new_tokens)
         layers: list[Tensor] = []
         for step in range(max_new_tokens):
             scores, chosen = dec.scores()
@@ -376,7 +376,7 @@ def custom_generate(
     pad_tensor = getattr(cfg, "_pad_token_tensor", None)
     pad = int(pad_tensor) if pad_tensor is not None else int(cfg.pad_token_id or 0)
     generator = None  # sampling follows torch's global seed, as transformers does
-    dec = _Decoder(model, settings, token_lists, pad)
+    dec = _Decoder(model, settings, token_lists, pad, reserve=max_length - input_ids.shape[1])
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     all_scores = []
     while True:

@@ -318,7 +318,9 @@ def per_question_rows(study: EntropyStudy) -> list[dict[str, Any]]:
             row[f"correct_{m}"] = "" if np.isnan(g.labels[i]) else int(g.labels[i])
         for e, v in zip(a.layers, a.means[i]):
             row[f"entropy_layer_{e}"] = v
-        rows.append({k: ("" if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()})
+        # 6 decimals: BERTScore varies in the 7th between runs (padding), which would only add noise to diffs
+        rows.append({k: ("" if np.isnan(v) else round(float(v), 6)) if isinstance(v, (float, np.floating)) else v
+                     for k, v in row.items()})
     return rows
 
 
@@ -368,6 +370,11 @@ def group_verdict(g: GroupResult, layers: Sequence[int], alpha: float = 0.05) ->
     return out
 
 
+_PHRASE = {"separates": "separates correct from wrong answers",
+           "separates only weakly": "separates correct from wrong answers only weakly",
+           "does not separate": "does not separate correct from wrong answers"}
+
+
 def conclusion(study: EntropyStudy, alpha: float = 0.05) -> str:
     """A markdown conclusion computed from the study's numbers (model, n, verdict per labelling)."""
     a = study.answers
@@ -404,7 +411,7 @@ def conclusion(study: EntropyStudy, alpha: float = 0.05) -> str:
                if v["wrong_answers_entropy"] else "") + ". "
             f"Strongest separation at any layer: layer {layers[j]} (AUROC {g.tests.auroc[j]:.2f}, difference "
             f"{g.difference.estimate[j]:+.3f} nats, adjusted p {g.tests.mannwhitney_adj[j]:.2g}). "
-            f"**Early-layer entropy {v['verdict']} correct from wrong answers** for this model and n"
+            f"**Early-layer entropy {_PHRASE[v['verdict']]}** for this model and n"
             + (f" (with only {min(v['n_correct'], v['n_wrong'])} answers in the smaller group the test has little "
                "power: no evidence either way)." if min(v["n_correct"], v["n_wrong"]) < 30 and not v["separates"]
                else "."))
