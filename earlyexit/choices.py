@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from earlyexit.data import ChoiceQuestion
@@ -113,8 +112,3 @@ def answer_questions(model, tokenizer, readings: Sequence[ChoiceReading], *, max
         r.answer = g.text.strip()
         r.correct = is_correct(r.answer, r.question.gold)
     return readings
-
-
-def probability_table(readings: Sequence[ChoiceReading]) -> Tensor:
-    """Gold-choice probability per question and layer, ``[Q, E]``."""
-    return torch.stack([r.probs[:, r.gold_index] for r in readings])

@@ -36,7 +36,7 @@ import os
 import re
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -397,7 +397,3 @@ def _run_chunk(model, tokenizer, prompts: Sequence[str], kinds: list[str], setti
     outs = [compute_features(model, tokenizer, group, kinds, settings, share_prefix=share)
             for _, group in chunks(token_lists, batch_size)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
-def settings_dict(settings: FeatureSettings) -> dict:
-    return asdict(settings)

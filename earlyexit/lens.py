@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from earlyexit.batching import chunks, encode_prompts, pad_id
 from earlyexit.prefix import prefill
-from earlyexit.stats import CHUNK_BYTES, Stats, layer_stats
+from earlyexit.stats import CHUNK_BYTES, layer_stats
 from earlyexit.unembed import Unembed, check_lens
 
 Positions = Union[str, Sequence[int], Sequence[Sequence[int]]]
