@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from earlyexit.batching import StopTracker, chunks, encode_prompts, pad_id
 from earlyexit.prefix import prefill
 from earlyexit.lens import check_layers, get_unembed
-from earlyexit.stats import layer_stats
+from earlyexit.stats import STEP_CHUNK_BYTES, Workspace, chunk_rows, layer_stats
 from earlyexit.unembed import check_lens
 
 
@@ -54,18 +54,58 @@ def eos_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
-def _live_rows(st, live: list[int], B: int):
-    """Spread statistics of the ``live`` rows back to all ``B`` rows (finished rows: NaN / -1)."""
-    if len(live) == B:
-        return st
-    for name in ("entropy", "top_ids", "top_probs", "target_probs", "target_ranks", "kl_to_final"):
-        t = getattr(st, name)
-        if t is None:
-            continue
-        full = t.new_full((t.shape[0], B, *t.shape[2:]), -1 if not t.is_floating_point() else float("nan"))
-        full[:, live] = t
-        setattr(st, name, full)
-    return st
+_FIELDS = ("entropy", "top_ids", "top_probs", "token_probs", "token_ranks", "kl_to_final")
+
+
+class _LensQueue:
+    """Last-position states of generated tokens waiting for their lens statistics.
+
+    The statistics of a token do not influence decoding, so they are computed for many tokens at once
+    (from several steps and rows): the head's product then runs on enough rows to be efficient, where
+    a step with one or two unfinished sequences would give it 31–62. Results go into per-batch tensors
+    ``[E, B, T]`` (``[E, B, T, k]`` for top-k), NaN / -1 where no token was generated.
+    """
+
+    def __init__(self, unembed, entries: list[int], lens: str, top_k: int, B: int, T: int, flush_rows: int,
+                 workspace: Workspace):
+        self.unembed, self.entries, self.lens, self.top_k = unembed, entries, lens, top_k
+        self.flush_rows, self.workspace = flush_rows, workspace
+        E = len(entries)
+        self.out = {
+            "entropy": torch.full((E, B, T), float("nan")),
+            "top_ids": torch.full((E, B, T, top_k), -1, dtype=torch.long),
+            "top_probs": torch.full((E, B, T, top_k), float("nan")),
+            "token_probs": torch.full((E, B, T), float("nan")),
+            "token_ranks": torch.full((E, B, T), -1, dtype=torch.long),
+            "kl_to_final": torch.full((E, B, T), float("nan")),
+        }
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor, int]] = []
+        self._n = 0
+
+    def add(self, hidden: Tensor, tokens: Tensor, final_logits: Tensor, rows: list[int], step: int) -> None:
+        """hidden ``[E, b, d]``, tokens ``[b]`` (the generated ones), final_logits ``[b, V]`` of batch ``rows``."""
+        self._pending.append((hidden, tokens, final_logits, torch.as_tensor(rows), step))
+        self._n += len(rows)
+        if self._n >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        hidden = torch.cat([p[0] for p in self._pending], dim=1)
+        tokens = torch.cat([p[1] for p in self._pending])
+        final_logits = torch.cat([p[2] for p in self._pending])
+        rows = torch.cat([p[3] for p in self._pending])
+        steps = torch.cat([torch.full((len(p[3]),), p[4]) for p in self._pending])
+        self._pending, self._n = [], 0
+        st = layer_stats(self.unembed, hidden, self.entries, lens=self.lens, top_k=self.top_k,
+                         targets=tokens.unsqueeze(1), final_logits=final_logits, chunk_bytes=STEP_CHUNK_BYTES,
+                         workspace=self.workspace)
+        got = {"entropy": st.entropy, "top_ids": st.top_ids, "top_probs": st.top_probs,
+               "token_probs": st.target_probs[..., 0], "token_ranks": st.target_ranks[..., 0],
+               "kl_to_final": st.kl_to_final}
+        for name, t in got.items():
+            self.out[name][:, rows, steps] = t.cpu()
 
 
 @torch.no_grad()
@@ -85,10 +125,12 @@ def generate_with_lens(
 ) -> list[LensGeneration]:
     """Greedy completions of ``prompts`` with per-token, per-layer lens statistics.
 
-    Each sequence stops on its own (a stop string, or EOS) while the others go on; the KV cache is
-    reused between steps and only the last position is read, so memory stays at
-    ``batch × layers × k`` per step. A prefix shared by the prompts of a batch (a few-shot primer)
-    is computed once (``share_prefix``).
+    Each sequence stops on its own (a stop string, or EOS) and leaves the batch, while the others go
+    on; the KV cache is reused between steps and only the last position is read. The lens statistics
+    of generated tokens are computed a group of tokens at a time (up to one chunk of
+    :data:`earlyexit.stats.STEP_CHUNK_BYTES`), so no more than that chunk of logits exists at once and
+    only the ``[layers, k]`` statistics are kept per token. A prefix shared by the prompts of a batch
+    (a few-shot primer) is computed once (``share_prefix``).
     """
     check_lens(lens)
     if max_new_tokens < 1:
@@ -96,49 +138,40 @@ def generate_with_lens(
     entries = check_layers(model, layers)
     token_lists = encode_prompts(tokenizer, prompts, model, reserve=max_new_tokens)
     unembed = get_unembed(model)
+    flush_rows = chunk_rows(unembed.vocab_size, len(entries), STEP_CHUNK_BYTES)
+    workspace = Workspace()  # freed when this call returns
     results: list[LensGeneration] = []
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
     for start, group in chunks(token_lists, batch_size):
         B = len(group)
         tracker = StopTracker(tokenizer, B, stop, eos_ids(tokenizer, model))
-        rec = {k: [] for k in ("entropy", "top_ids", "top_probs", "token_probs", "token_ranks", "kl_to_final")}
         state = prefill(model, group, pad_id(tokenizer), share_prefix=share_prefix, output_hidden_states=True,
                         reserve=max_new_tokens)
-        logits, hidden_last = state.logits, state.hidden_last
-        for _ in range(max_new_tokens):
-            hidden = torch.stack([hidden_last[e] for e in entries])  # [E, B, d]
-            next_tok = logits.argmax(-1)  # [B]
-            # rows that already stopped are never read again: compute their lens statistics no more
-            live = [i for i, d in enumerate(tracker.done) if not d]
-            st = _live_rows(layer_stats(unembed, hidden[:, live], entries, lens=lens, top_k=top_k,
-                                        targets=next_tok[live].unsqueeze(1), final=hidden_last[unembed.n_layers][live]),
-                            live, B)
-            rec["entropy"].append(st.entropy.cpu())
-            rec["top_ids"].append(st.top_ids.cpu())
-            rec["top_probs"].append(st.top_probs.cpu())
-            rec["token_probs"].append(st.target_probs[..., 0].cpu())
-            rec["token_ranks"].append(st.target_ranks[..., 0].cpu())
-            rec["kl_to_final"].append(st.kl_to_final.cpu())
-            tracker.update(next_tok.tolist())
+        queue = _LensQueue(unembed, entries, lens, top_k, B, max_new_tokens, flush_rows, workspace)
+        rows = list(range(B))  # the batch rows still decoding; finished ones are dropped from the state
+        for step in range(max_new_tokens):
+            next_tok = state.logits.argmax(-1)  # [b]
+            queue.add(torch.stack([state.hidden_last[e] for e in entries]), next_tok, state.logits, rows, step)
+            full_tok = torch.full((B,), -1, dtype=torch.long)
+            full_tok[rows] = next_tok.cpu()
+            tracker.update(full_tok.tolist())  # finished rows are skipped by the tracker
             if tracker.all_done:
                 break
+            keep = [k for k, j in enumerate(rows) if not tracker.done[j]]
+            if len(keep) < len(rows):
+                state.keep_rows(keep)
+                rows = [rows[k] for k in keep]
+                next_tok = next_tok[keep]
             out = model(**state.step_inputs(next_tok), output_hidden_states=True)
             state.cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            hidden_last = tuple(h[:, -1] for h in out.hidden_states)
-        stacked = {k: torch.stack(v, dim=-2 if k in ("top_ids", "top_probs") else -1) for k, v in rec.items()}
+            state.logits = out.logits[:, -1].float()
+            state.hidden_last = tuple(h[:, -1] for h in out.hidden_states)
+        queue.flush()
         for j in range(B):
             text, toks = tracker.result(j)
             n = len(toks)
-            results.append(LensGeneration(
-                prompt=prompts[start + j], text=text, token_ids=toks, layers=entries,
-                entropy=stacked["entropy"][:, j, :n].clone(),
-                top_ids=stacked["top_ids"][:, j, :n].clone(),
-                top_probs=stacked["top_probs"][:, j, :n].clone(),
-                token_probs=stacked["token_probs"][:, j, :n].clone(),
-                token_ranks=stacked["token_ranks"][:, j, :n].clone(),
-                kl_to_final=stacked["kl_to_final"][:, j, :n].clone(),
-            ))
+            results.append(LensGeneration(prompt=prompts[start + j], text=text, token_ids=toks, layers=entries,
+                                          **{k: queue.out[k][:, j, :n].clone() for k in _FIELDS}))
         bar.update(B)
     bar.close()
     return results

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from earlyexit.kvcache import use_growing_layers
+
 _PREFIX_CACHE: dict[tuple, object] = {}
 
 
@@ -59,6 +61,23 @@ class Prefilled:
             return self.prefix_hidden[entry][position]
         width = self.suffix_hidden[entry].shape[1]
         return self.suffix_hidden[entry][row, width - (self.lengths[row] - position)]
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Drop every row of the decoding state but ``rows`` (indices into the current batch), so that
+        sequences that have finished cost nothing in later steps. The kept rows' results do not change:
+        each row only ever attends to itself."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        self.cache.batch_select_indices(idx)
+        self.attention_mask = self.attention_mask[idx]
+        self.next_position = self.next_position[idx]
+        self.logits = self.logits[idx]
+        if self.hidden_last is not None:
+            self.hidden_last = tuple(h[idx] for h in self.hidden_last)
+        if self.suffix_hidden is not None:
+            self.suffix_hidden = tuple(h[idx] for h in self.suffix_hidden)
+        if self.suffix_logits is not None:
+            self.suffix_logits = self.suffix_logits[idx]
+        self.lengths = [self.lengths[i] for i in rows]
 
     def step_inputs(self, next_tokens: Tensor) -> dict:
         """Inputs for the next decoding step; advances the mask and positions in place."""
@@ -142,7 +161,7 @@ def prefill(
     hs = out.hidden_states if output_hidden_states else None
     return Prefilled(
         logits=out.logits[:, -1].float(),
-        cache=out.past_key_values,
+        cache=use_growing_layers(out.past_key_values),  # decoding appends in place from here on
         attention_mask=mask,
         next_position=pos[:, -1:] + 1,
         hidden_last=tuple(h[:, -1] for h in hs) if hs is not None else None,

@@ -50,12 +50,29 @@ class Unembed(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def forward(self, hidden: Tensor, normed: bool = True) -> Tensor:
-        """hidden ``[..., d]`` → float32 logits ``[..., V]``."""
+    def forward(self, hidden: Tensor, normed: bool = True, out: Tensor | None = None) -> Tensor:
+        """hidden ``[..., d]`` → float32 logits ``[..., V]``.
+
+        ``out``: a contiguous float32 tensor of the result's shape to write into (a reused buffer
+        saves allocating, and page-faulting, a large tensor per call)."""
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden size {hidden.shape[-1]} != model hidden size {self.hidden_size}")
         h = self.final_norm(hidden) if normed else hidden
-        return self.postprocess(self.head(h)).float()
+        if out is None:
+            return self.postprocess(self.head(h)).float()
+        if out.shape != (*h.shape[:-1], self.vocab_size) or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous {(*h.shape[:-1], self.vocab_size)}, got {tuple(out.shape)}")
+        w, bias = self.head.weight, getattr(self.head, "bias", None)
+        if isinstance(self.head, nn.Linear) and h.dtype == w.dtype == out.dtype:
+            torch.matmul(h, w.t(), out=out)
+            if bias is not None:
+                out.add_(bias)
+            if self.scale is not None:
+                out.mul_(self.scale)
+            if self.softcap is not None:  # the same float ops as postprocess, in place
+                out.div_(self.softcap).tanh_().mul_(self.softcap)
+            return out
+        return out.copy_(self.postprocess(self.head(h)))
 
     def needs_norm(self, entry: int, lens: str) -> bool:
         """Whether hidden-state ``entry`` (0..L) needs the final norm under ``lens``."""
