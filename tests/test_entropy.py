@@ -237,6 +237,9 @@ def test_batched_generation_equals_unbatched(smollm2, data_dir):
         assert b.token_ids == s.token_ids
         assert b.text == s.text and "\nQ:" not in b.text
         np.testing.assert_allclose(b.entropy.numpy(), s.entropy.numpy(), atol=2e-3)
+        np.testing.assert_allclose(b.kl_to_final.numpy(), s.kl_to_final.numpy(), atol=2e-3)
+        np.testing.assert_allclose(b.token_probs.numpy(), s.token_probs.numpy(), atol=1e-3)
+        assert np.isfinite(b.entropy.numpy()).all() and (b.token_ranks.numpy() >= 0).all()
     # each sequence stopped on its own: answers of different lengths in one batch
     assert len({len(b.token_ids) for b in batched}) > 1
 

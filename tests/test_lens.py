@@ -179,3 +179,27 @@ def test_sliding_window_model_gives_the_same_result_with_a_long_shared_prefix(to
     for i, p in enumerate(prompts):
         single = lens_stats(model, tokenizer, [p], positions=[-1, -3], batch_size=1)
         assert torch.allclose(batched.entropy[i], single.entropy[0], atol=1e-4)
+
+
+def test_final_logits_and_a_reused_workspace_give_the_same_statistics(tiny_llama):
+    from earlyexit.stats import Workspace
+
+    model, tok = tiny_llama
+    unembed = get_unembed(model)
+    L = unembed.n_layers
+    torch.manual_seed(1)
+    hidden = torch.randn(L + 1, 6, unembed.hidden_size)
+    entries = list(range(L + 1))
+    targets = torch.randint(0, unembed.vocab_size, (6, 1))
+    ref = layer_stats(unembed, hidden, entries, top_k=3, targets=targets, final=hidden[L])
+    ws = Workspace()
+    for _ in range(2):  # the second call reuses the first call's buffers
+        got = layer_stats(unembed, hidden, entries, top_k=3, targets=targets, workspace=ws, chunk_bytes=1,
+                          final_logits=unembed(hidden[L], normed=False))
+        torch.testing.assert_close(got.entropy, ref.entropy, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.kl_to_final, ref.kl_to_final, rtol=0, atol=1e-5)
+        assert torch.equal(got.top_ids, ref.top_ids) and torch.equal(got.target_ranks, ref.target_ranks)
+    with pytest.raises(ValueError, match="not both"):
+        layer_stats(unembed, hidden, entries, final=hidden[L], final_logits=unembed(hidden[L], normed=False))
+    with pytest.raises(ValueError, match="final_logits must be"):
+        layer_stats(unembed, hidden, entries, final_logits=torch.zeros(6, 3))
