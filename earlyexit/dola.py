@@ -294,15 +294,17 @@ def generate(
         tracker = StopTracker(tokenizer, B, stop, eos)
         dec = _Decoder(model, settings, group, pad, share_prefix=share_prefix, reserve=max_new_tokens)
         layers: list[Tensor] = []
-        for step in range(max_new_tokens):
-            scores, chosen = dec.scores()
-            next_tok = pick_tokens(scores, do_sample, temperature, generator)
-            if chosen is not None:
-                layers.append(chosen)
-            tracker.update(next_tok.tolist())
-            if tracker.all_done or step == max_new_tokens - 1:
-                break
-            dec.advance(next_tok)
+        # inference mode, not just no_grad: a few % less per-op overhead; nothing made here outlives the loop
+        with torch.inference_mode():
+            for step in range(max_new_tokens):
+                scores, chosen = dec.scores()
+                next_tok = pick_tokens(scores, do_sample, temperature, generator)
+                if chosen is not None:
+                    layers.append(chosen)
+                tracker.update(next_tok.tolist())
+                if tracker.all_done or step == max_new_tokens - 1:
+                    break
+                dec.advance(next_tok)
         per_step = torch.stack(layers, 1).tolist() if layers else [[None] * max_new_tokens] * B
         for j in range(B):
             text, toks = tracker.result(j)

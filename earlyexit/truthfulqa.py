@@ -153,6 +153,42 @@ def open_ended_rows(scores: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def _compare(a: dict, b: dict) -> str:
+    """How interval ``a`` stands against interval ``b``: 'higher', 'lower' or 'overlapping'."""
+    if a["low"] > b["high"]:
+        return "higher"
+    if a["high"] < b["low"]:
+        return "lower"
+    return "overlapping"
+
+
+def open_ended_findings(scores: dict[str, dict], generations: dict[str, dict], *, base: str = "vanilla",
+                        other: str = "dola", limit: int = 50) -> list[str]:
+    """Sentences (markdown bullets) comparing ``other`` with ``base`` on the open-ended metrics, computed
+    from the scores (estimates with 95% CIs) and the generations; empty when either run is missing.
+
+    >>> ci = lambda e: {"estimate": e, "low": e - 0.01, "high": e + 0.01}
+    >>> s = {k: {"n": 2, **{m: ci(v) for m in OPEN_METRICS}} for k, v in (("vanilla", 0.5), ("dola", 0.2))}
+    >>> g = {k: {"items": [{"token_ids": [1] * 50}, {"token_ids": [1]}]} for k in s}
+    >>> open_ended_findings(s, g)[0]
+    '- BLEU: dola 0.200 [0.190, 0.210] vs vanilla 0.500 [0.490, 0.510] (lower, n = 2)'
+    """
+    if base not in scores or other not in scores:
+        return []
+    names = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "bertscore": "BERTScore F1"}
+    fmt = lambda ci: f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    a, b = scores[other], scores[base]
+    out = [f"- {names[k]}: {other} {fmt(a[k])} vs {base} {fmt(b[k])} ({_compare(a[k], b[k])}, n = {a['n']})"
+           for k in names]
+    out += [f"- closer to a true than to a false reference ({names[k]}): {other} {fmt(a[k + '_acc'])} vs {base} "
+            f"{fmt(b[k + '_acc'])}; mean difference {other} {a[k + '_diff']['estimate']:+.3f}, "
+            f"{base} {b[k + '_diff']['estimate']:+.3f}" for k in names]
+    hit = {k: sum(len(r["token_ids"]) >= limit for r in generations[k]["items"]) / len(generations[k]["items"])
+           for k in (other, base)}
+    out.append(f"- answers that ran into the {limit}-token limit: {other} {hit[other]:.1%}, {base} {hit[base]:.1%}")
+    return out
+
+
 def premature_histograms(mc_doc: dict, generations: dict[str, dict]) -> dict[str, Counter]:
     """Counts of chosen premature layers: MC answer tokens (high, low buckets) and DoLa answer tokens."""
     out = {f"MC tokens, {k}": Counter({int(l): c for l, c in mc_doc["decodings"][k]["premature_counts"].items()})

@@ -350,8 +350,8 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
 # --- notebook tables ----------------------------------------------------------------------------
 
 def test_report_tables_from_a_synthetic_run():
-    from earlyexit.truthfulqa import (mc2_saturation, mc_rows, open_ended_rows, paired_differences,
-                                      premature_histograms, side_by_side)
+    from earlyexit.truthfulqa import (mc2_saturation, mc_rows, open_ended_findings, open_ended_rows,
+                                      paired_differences, premature_histograms, side_by_side)
 
     raws = [_raw(), _raw()]
     decodings = {"vanilla": evaluate(raws, "vanilla", n_boot=20).as_dict(),
@@ -376,6 +376,14 @@ def test_report_tables_from_a_synthetic_run():
               "bleu_acc", "rouge_l_diff", "rouge_l_acc", "bertscore_diff", "bertscore_acc")}}}
     table = open_ended_rows(scores)
     assert table[0]["bleu"] == "0.5000 [0.4000, 0.6000]" and "original study" in table[1]["decoding"]
+    low = {"estimate": 0.1, "low": 0.05, "high": 0.2}
+    scores["dola"] = {**scores["vanilla"], "bleu": low, "rouge_l": ci, "bertscore": {**ci, "low": 0.65, "high": 0.7}}
+    gens["vanilla"]["items"][0]["token_ids"] = [1] * 3
+    gens["dola"]["items"][0]["token_ids"] = [1] * 50
+    lines = open_ended_findings(scores, gens)
+    assert "(lower, n = 2)" in lines[0] and "(overlapping" in lines[1] and "(higher" in lines[2]
+    assert lines[-1].endswith("dola 100.0%, vanilla 0.0%")
+    assert open_ended_findings({"vanilla": scores["vanilla"]}, gens) == []
 
 
 def test_scores_are_cached(tmp_path, monkeypatch):
