@@ -1,13 +1,14 @@
 """Benchmark: TruthfulQA generation with per-token lens statistics, batch 16 vs batch 1, side by side.
 
-    python bench/generate.py                      # 16 questions, 2 threads → results/bench_generate.json
-    python bench/generate.py --n 32 --threads 2
+    python bench/generate.py                      # 16 questions, 2 threads, 3 repeats → results/bench_generate.json
+    python bench/generate.py --n 32 --threads 2 --repeats 5
 
 Batch 16 is the project's way (left padding, the 6-shot primer prefilled once and reused, per-sequence
 stop). Batch 1 is the original's way: one question at a time with the whole prompt. Both record the
 lens entropy / top-1 / token probability of every generated token at every layer, on the same questions.
 Each side runs in its own subprocess, so its peak resident memory (``ru_maxrss``, which sees torch's
-allocations) is its own; the model's RSS right after loading is reported beside it.
+allocations) is its own; the model's RSS right after loading is reported beside it. The sides alternate
+over ``--repeats`` runs and the speedup is the ratio of their median tokens/s.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16, help="questions (the first n of TruthfulQA)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side (medians are reported)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(REPO / "results" / "bench_generate.json"))
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. other jobs running)")
@@ -89,33 +92,44 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    if args.n < 1:
-        raise SystemExit("--n must be ≥ 1")
+    if args.n < 1 or args.repeats < 1:
+        raise SystemExit("--n and --repeats must be ≥ 1")
 
     from earlyexit.atomic import write_json
     from earlyexit.meta import run_metadata
 
-    batched = run_side(args, 16, share_prefix=True)
-    single = run_side(args, 1, share_prefix=False)
-    same = sum(a == b for a, b in zip(batched.pop("token_ids"), single.pop("token_ids")))
-    speedup = batched["tokens_per_s"] / single["tokens_per_s"]
+    runs: dict[str, list[dict]] = {"batch16": [], "batch1": []}
+    sides = [("batch16", 16, True), ("batch1", 1, False)]
+    for r in range(args.repeats):  # alternate the order: a machine whose speed drifts favours neither side
+        for name, bs, share in (sides if r % 2 == 0 else sides[::-1]):
+            res = run_side(args, bs, share_prefix=share)
+            runs[name].append(res)
+            print(f"repeat {r + 1}/{args.repeats} {name}: {res['tokens']} tokens in {res['seconds']:.1f} s = "
+                  f"{res['tokens_per_s']:.2f} tokens/s (load avg {res['load_average_1min_before']:.1f})", flush=True)
+    ids = {name: [rr.pop("token_ids") for rr in rs] for name, rs in runs.items()}
+    same = sum(a == b for a, b in zip(ids["batch16"][0], ids["batch1"][0]))
+    med = {name: statistics.median(rr["tokens_per_s"] for rr in rs) for name, rs in runs.items()}
+    speedup = med["batch16"] / med["batch1"]
+    per_repeat = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["batch16"], runs["batch1"])]
+    batched, single = runs["batch16"][0], runs["batch1"][0]
     result = {
         "speedup": speedup,
+        "speedup_per_repeat": per_repeat,
+        "median_tokens_per_s": med,
         "same_tokens": f"{same} of {args.n} answers token-for-token identical",
-        "batch16": batched,
-        "batch1_original_way": single,
+        "batch16": runs["batch16"],
+        "batch1_original_way": runs["batch1"],
         "cpu_count": os.cpu_count(),
         "note": args.note or "load averages show other processes sharing the CPUs during each side",
         "meta": run_metadata(args.model, args.n, threads=args.threads, max_new_tokens=args.max_new_tokens,
-                             stop="\\nQ:", lens="normed", top_k=5,
+                             stop="\\nQ:", lens="normed", top_k=5, repeats=args.repeats,
                              sides="batch 16 with the shared primer prefilled once vs batch 1, whole prompt each"),
     }
     write_json(args.out, result)
     for name, r in (("batch 16", batched), ("batch 1 ", single)):
-        print(f"{name}: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.2f} tokens/s, "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB (after load {r['rss_after_load_mib']:.0f} MiB), "
-              f"load avg {r['load_average_1min_before']:.1f}")
-    print(f"speedup (tokens/s, batch 16 / batch 1): {speedup:.2f}x; {result['same_tokens']}; wrote {args.out}")
+        print(f"{name}: peak RSS {r['peak_rss_mib']:.0f} MiB (after load {r['rss_after_load_mib']:.0f} MiB)")
+    print(f"speedup (median tokens/s, batch 16 / batch 1, {args.repeats} alternating repeats): {speedup:.2f}x "
+          f"(per repeat {', '.join(f'{x:.2f}' for x in per_repeat)}); {result['same_tokens']}; wrote {args.out}")
     return 0
 
 
