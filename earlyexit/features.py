@@ -51,7 +51,7 @@ from earlyexit.lens import get_unembed
 from earlyexit.models import model_name
 from earlyexit.prefix import prefill
 from earlyexit.prompts import statement_prompt
-from earlyexit.stats import CHUNK_BYTES
+from earlyexit.stats import CHUNK_BYTES, lens_inputs
 
 FEATURE_KINDS = ("hidden", "lens")
 CONDITIONS = ("prompted", "bare")
@@ -265,10 +265,7 @@ def lens_projection(unembed, hidden: torch.Tensor, entries: list[int], settings:
     """
     E, B, _ = hidden.shape
     R = projection_matrix(unembed.vocab_size, settings.proj_dim, settings.proj_seed).to(hidden.device)
-    norm_idx = [i for i, e in enumerate(entries) if unembed.needs_norm(e, settings.lens)]
-    hn = hidden.float().clone()
-    if norm_idx:
-        hn[norm_idx] = unembed.final_norm(hidden[norm_idx]).float()
+    hn = lens_inputs(unembed, hidden, entries, settings.lens).float()
     fast = fold and _is_linear_head(unembed)
     if fast:
         M = _folded_projection(unembed, R, (settings.proj_dim, settings.proj_seed))
@@ -277,7 +274,7 @@ def lens_projection(unembed, hidden: torch.Tensor, entries: list[int], settings:
     rows = max(1, chunk_bytes // (4 * unembed.vocab_size * E))
     for s in range(0, B, rows):
         e = min(B, s + rows)
-        logits = unembed.postprocess(unembed.head(hn[:, s:e])).float()  # [E, n, V]
+        logits = unembed(hn[:, s:e], normed=False)  # [E, n, V]
         if fast:
             lse = torch.logsumexp(logits, dim=-1)  # [E, n]
             proj = hn[:, s:e] @ M - lse.unsqueeze(-1) * col

@@ -32,7 +32,7 @@ class GrowingLayer(DynamicLayer):
         return new
 
     def _owns(self, t: Tensor, buf: Tensor) -> bool:
-        """Whether ``t`` is still the front view of ``buf`` (not replaced by a crop-free reindexing)."""
+        """Whether ``t`` is still the front view of ``buf`` (not a new tensor, as batch selection makes)."""
         return t.data_ptr() == buf.data_ptr() and t.shape[:2] == buf.shape[:2] and t.stride() == buf.stride()
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

@@ -41,21 +41,25 @@ class Stats:
     extra: dict = field(default_factory=dict)
 
 
-def entry_logits(unembed: Unembed, hidden: Tensor, entries: list[int], lens: str,
-                 out: Tensor | None = None) -> Tensor:
-    """hidden ``[E, n, d]`` of hidden-state ``entries`` → logits ``[E, n, V]`` (float32).
-
-    The final norm is applied to the entries that need it (see :meth:`Unembed.needs_norm`) and all
-    entries then go through the head in one product, written into ``out`` when given."""
+def lens_inputs(unembed: Unembed, hidden: Tensor, entries: list[int], lens: str) -> Tensor:
+    """hidden ``[E, n, d]`` of hidden-state ``entries`` with the final norm applied to the entries that need
+    it under ``lens`` (see :meth:`Unembed.needs_norm`): what the head reads. ``hidden`` itself is left as is."""
     if hidden.dim() != 3 or hidden.shape[0] != len(entries):
         raise ValueError(f"hidden must be [E={len(entries)}, n, d], got {tuple(hidden.shape)}")
     norm_idx = [i for i, e in enumerate(entries) if unembed.needs_norm(e, lens)]
     if len(norm_idx) == len(entries):
-        return unembed(hidden, normed=True, out=out)
+        return unembed.final_norm(hidden)
     if norm_idx:
         hidden = hidden.clone()
         hidden[norm_idx] = unembed.final_norm(hidden[norm_idx])
-    return unembed(hidden, normed=False, out=out)
+    return hidden
+
+
+def entry_logits(unembed: Unembed, hidden: Tensor, entries: list[int], lens: str,
+                 out: Tensor | None = None) -> Tensor:
+    """hidden ``[E, n, d]`` of hidden-state ``entries`` → logits ``[E, n, V]`` (float32), all entries
+    through the head in one product (see :func:`lens_inputs`), written into ``out`` when given."""
+    return unembed(lens_inputs(unembed, hidden, entries, lens), normed=False, out=out)
 
 
 class Workspace:

@@ -169,7 +169,8 @@ def open_ended_findings(scores: dict[str, dict], generations: dict[str, dict], *
 
     >>> ci = lambda e: {"estimate": e, "low": e - 0.01, "high": e + 0.01}
     >>> s = {k: {"n": 2, **{m: ci(v) for m in OPEN_METRICS}} for k, v in (("vanilla", 0.5), ("dola", 0.2))}
-    >>> g = {k: {"items": [{"token_ids": [1] * 50}, {"token_ids": [1]}]} for k in s}
+    >>> g = {k: {"items": [{"token_ids": [1] * 50, "completion": "a"}, {"token_ids": [1], "completion": "b"}]}
+    ...      for k in s}
     >>> open_ended_findings(s, g)[0]
     '- BLEU: dola 0.200 [0.190, 0.210] vs vanilla 0.500 [0.490, 0.510] (lower, n = 2)'
     """
@@ -183,9 +184,20 @@ def open_ended_findings(scores: dict[str, dict], generations: dict[str, dict], *
     out += [f"- closer to a true than to a false reference ({names[k]}): {other} {fmt(a[k + '_acc'])} vs {base} "
             f"{fmt(b[k + '_acc'])}; mean difference {other} {a[k + '_diff']['estimate']:+.3f}, "
             f"{base} {b[k + '_diff']['estimate']:+.3f}" for k in names]
-    hit = {k: sum(len(r["token_ids"]) >= limit for r in generations[k]["items"]) / len(generations[k]["items"])
-           for k in (other, base)}
+    hit = {k: v["share at the token limit"] for k, v in answer_lengths(generations, limit).items()}
     out.append(f"- answers that ran into the {limit}-token limit: {other} {hit[other]:.1%}, {base} {hit[base]:.1%}")
+    return out
+
+
+def answer_lengths(generations: dict[str, dict], limit: int = 50) -> dict[str, dict]:
+    """Per decoding: number of answers, mean new tokens, share of answers that reached ``limit`` new tokens,
+    and empty answers."""
+    out = {}
+    for name, g in generations.items():
+        n_tokens = [len(r["token_ids"]) for r in g["items"]]
+        out[name] = {"answers": len(n_tokens), "mean new tokens": sum(n_tokens) / max(len(n_tokens), 1),
+                     "share at the token limit": sum(n >= limit for n in n_tokens) / max(len(n_tokens), 1),
+                     "empty answers": sum(not r["completion"] for r in g["items"])}
     return out
 
 

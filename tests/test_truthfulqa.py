@@ -350,7 +350,7 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
 # --- notebook tables ----------------------------------------------------------------------------
 
 def test_report_tables_from_a_synthetic_run():
-    from earlyexit.truthfulqa import (mc2_saturation, mc_rows, open_ended_findings, open_ended_rows,
+    from earlyexit.truthfulqa import (answer_lengths, mc2_saturation, mc_rows, open_ended_findings, open_ended_rows,
                                       paired_differences, premature_histograms, side_by_side)
 
     raws = [_raw(), _raw()]
@@ -383,6 +383,8 @@ def test_report_tables_from_a_synthetic_run():
     lines = open_ended_findings(scores, gens)
     assert "(lower, n = 2)" in lines[0] and "(overlapping" in lines[1] and "(higher" in lines[2]
     assert lines[-1].endswith("dola 100.0%, vanilla 0.0%")
+    lengths = answer_lengths(gens)
+    assert lengths["dola"] == {"answers": 1, "mean new tokens": 50, "share at the token limit": 1.0, "empty answers": 0}
     assert open_ended_findings({"vanilla": scores["vanilla"]}, gens) == []
 
 
