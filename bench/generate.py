@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     from earlyexit import generate_with_lens, load_model, load_truthfulqa
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     model, tok = load_model(args.model)
     prompts = [truthfulqa_prompt(it.question) for it in load_truthfulqa(args.data_dir, args.n)]
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     if args.n < 1 or args.repeats < 1:
         raise SystemExit("--n and --repeats must be ≥ 1")
 
-    from earlyexit.atomic import write_json
-    from earlyexit.meta import run_metadata
+    from earlyexit.core.atomic import write_json
+    from earlyexit.core.meta import run_metadata
 
     runs: dict[str, list[dict]] = {"batch16": [], "batch1": []}
     sides = [("batch16", 16, True), ("batch1", 1, False)]

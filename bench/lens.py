@@ -29,9 +29,10 @@ def _worker(method: str, n_prompts: int, threads: int, top_k: int) -> dict:
 
     torch.set_num_threads(threads)
     from earlyexit import load_model, load_truthfulqa, lens_stats
-    from earlyexit.batching import encode_prompts, left_pad, pad_id
-    from earlyexit.lens import get_unembed
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.core.batching import encode_prompts, pad_id
+    from earlyexit.core.prefix import prefill
+    from earlyexit.core.lenses import get_unembed
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     model, tok = load_model("smollm2-135m", device="cpu")
     prompts = [truthfulqa_prompt(q.question) for q in load_truthfulqa(limit=n_prompts)]
@@ -48,8 +49,9 @@ def _worker(method: str, n_prompts: int, threads: int, top_k: int) -> dict:
         n_positions = int(r.valid.sum())
     else:
         with torch.no_grad():
-            batch = left_pad(encode_prompts(tok, prompts, model), pad_id(tok))
-            hs = model(**batch.model_inputs(), output_hidden_states=True).hidden_states
+            batch = prefill(model, encode_prompts(tok, prompts, model), pad_id(tok), share_prefix=False,
+                            output_hidden_states=True, keep_suffix=True, suffix_logits=False)
+            hs = batch.suffix_hidden
             probs = []
             for e in range(L + 1):  # head per layer on every position, full softmax kept
                 logits = unembed(hs[e], normed=e < L)
@@ -57,7 +59,7 @@ def _worker(method: str, n_prompts: int, threads: int, top_k: int) -> dict:
             probs = torch.stack(probs, dim=1)  # [B, L+1, T, V]
             entropy = -(probs * torch.log(probs.clamp_min(1e-45))).sum(-1)
             top_ids = probs.topk(top_k, dim=-1).indices
-            n_positions = int(batch.attention_mask.sum())
+            n_positions = int(sum(batch.lengths))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"method": method, "seconds": seconds, "peak_rss_mb": peak / 1024, "base_rss_mb": base_rss / 1024,
@@ -95,8 +97,8 @@ def main(argv=None) -> int:
                 for a, b in zip(runs["ours"], runs["naive"]))
     speedup = med["naive"]["seconds"] / med["ours"]["seconds"]
     memory_ratio = med["naive"]["extra_peak_mb"] / med["ours"]["extra_peak_mb"]
-    from earlyexit.atomic import write_json
-    from earlyexit.meta import run_metadata
+    from earlyexit.core.atomic import write_json
+    from earlyexit.core.meta import run_metadata
 
     result = {
         "speedup": speedup,

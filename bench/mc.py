@@ -2,7 +2,7 @@
 
 Same questions, same outputs (checked): the shared arm runs the 6-shot primer once for all questions,
 each question's own tokens once, and all its answers as one batch on that KV cache
-(:func:`earlyexit.mc.mc_raw`); the baseline runs prompt + answer as one full forward per answer
+(:func:`earlyexit.studies.mc.mc_raw`); the baseline runs prompt + answer as one full forward per answer
 (``shared=False``). Both read the same lens rows. Arms alternate, after a warm-up question.
 
 Two figures:
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from earlyexit import load_model, load_truthfulqa
-    from earlyexit.atomic import write_json
-    from earlyexit.mc import mc_layers, mc_raw
-    from earlyexit.meta import run_metadata
+    from earlyexit.core.atomic import write_json
+    from earlyexit.studies.mc import mc_layers, mc_raw
+    from earlyexit.core.meta import run_metadata
 
     model, tok = load_model(args.model)
     items = load_truthfulqa(limit=args.questions + 1)

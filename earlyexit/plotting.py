@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earlyexit.atomic import atomic_path
+from earlyexit.core.atomic import atomic_path
 
 
 def save_figure(fig, name: str, figures_dir: str | Path = "figures", dpi: int = 150) -> list[Path]:

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -16,31 +15,9 @@ VOCAB = 49152  # tiny models share SmolLM2's tokenizer, so their vocabulary matc
 
 
 def _tiny(kind: str):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from earlyexit.core.tiny import tiny_model
 
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
-    elif kind == "gemma":
-        cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                           final_logit_softcapping=5.0, attn_logit_softcapping=50.0, sliding_window=64)
-        model = Gemma2ForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, tie_word_embeddings=True)
-        model = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
-    # random norms (weights ≠ 1) so normed and raw lenses differ
-    for name, p in model.named_parameters():
-        if "norm" in name or "ln_" in name:
-            torch.nn.init.normal_(p, mean=1.0, std=0.3)
-    model.earlyexit_name = f"tiny-{kind}"
-    return model.eval()
+    return tiny_model(kind, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +28,11 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2):
-    return smollm2[1]
+def tokenizer():
+    """SmolLM2's tokenizer, without loading the model (the fast tier's tiny models share it)."""
+    from earlyexit.core.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture(scope="session", params=["llama", "gemma", "gpt2"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from earlyexit.arch import ArchSpec, resolve_arch
-from earlyexit.batching import StopTracker, left_pad
-from earlyexit.models import EMBEDDED_MODELS, load_model, resolve_model_path
+from earlyexit.core.arch import ArchSpec, resolve_arch
+from earlyexit.core.batching import StopTracker
+from earlyexit.core.models import EMBEDDED_MODELS, load_model, resolve_model_path
 
 
 def test_resolve_arch_for_each_tiny_model(tiny):
@@ -37,13 +37,6 @@ def test_unknown_model_name_lists_the_embedded_models():
         assert name in str(err.value)
 
 
-def test_left_pad_positions_count_real_tokens():
-    batch = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
-    assert batch.pad == [0, 2]
-
-
 def test_stop_tracker_stops_each_sequence_on_its_own(tokenizer):
     seqs = [tokenizer(" Paris.\nQ: next")["input_ids"], tokenizer(" Rome is far away")["input_ids"]]
     tracker = StopTracker(tokenizer, 2, stop=["\nQ:"])
@@ -70,12 +63,15 @@ def test_smollm2_predicts_paris(smollm2):
 
 
 @pytest.mark.slow
-def test_second_load_uses_the_cache(smollm2):
-    import time
+def test_second_load_uses_the_cache(smollm2, monkeypatch):
+    import transformers
 
-    from earlyexit.models import _converted_dir
+    from earlyexit.core.models import _converted_dir
 
-    t0 = time.time()
+    def no_conversion(*a, **kw):
+        raise AssertionError("the converted model was built again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_conversion)
     path = _converted_dir("smollm2-135m")
-    assert (path / "config.json").exists() and time.time() - t0 < 5  # no re-conversion: only a lookup
+    assert (path / "config.json").exists()  # only a lookup
     assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())

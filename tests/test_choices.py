@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit.choices import ChoiceReading, first_choice_tokens, is_correct, normalise_answer
-from earlyexit.data import ChoiceQuestion, load_general_knowledge
-from earlyexit.prompts import vis_prompt
+from earlyexit.studies.choices import ChoiceReading, first_choice_tokens, is_correct, normalise_answer
+from earlyexit.studies.data import ChoiceQuestion, load_general_knowledge
+from earlyexit.studies.prompts import vis_prompt
 
 
 def test_normalised_matching():

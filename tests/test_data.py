@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from earlyexit.data import DataNotFoundError, load_general_knowledge, load_true_false, load_truthfulqa
+from earlyexit.studies.data import DataNotFoundError, load_general_knowledge, load_true_false, load_truthfulqa
 
 
 def test_truthfulqa_loads_all_questions(data_dir):

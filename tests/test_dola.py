@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.contrast import candidate_layers, contrast_scores, js_distance, repetition_penalty
-from earlyexit.dola import (ContrastHead, DolaSettings, custom_generate, generate, resolve_settings, seen_ids)
-from earlyexit.generation import eos_ids
-from earlyexit.lens import get_unembed
+from earlyexit.core.decoding import repetition_penalty, seen_ids
+from earlyexit.core.generation import eos_ids
+from earlyexit.core.lenses import get_unembed
+from earlyexit.methods.contrast import candidate_layers, dola_scores, js_distance
+from earlyexit.methods.dola import custom_generate, generate, resolve_settings
+
+
+def contrast_scores(final, premature, relative_top=0.1):
+    """One candidate: DoLa's scores of ``[B, V]`` final and premature logits."""
+    return dola_scores(final, premature[None], relative_top=relative_top)[0]
 
 
 # ---------------------------------------------------------------- the contrast on a tiny vocabulary
@@ -79,11 +85,9 @@ def test_contrast_by_hand_mask_floor_and_choice(tiny_llama):
     # relative_top = 1 keeps the top token only
     only = contrast_scores(torch.tensor([final]), torch.tensor([prem]), relative_top=1.0)[0]
     assert torch.isfinite(only).tolist() == [True, False, False, False]
-    # the full DoLa choice through ContrastHead: candidate picked by the published distance
-    settings = DolaSettings("dola", (1, 2), 0.1, 1.0, "raw")
-    head = ContrastHead(tiny_llama[0], settings)
-    scores, chosen = head.choose(torch.tensor([F_DIR]), torch.tensor([[A_DIR], [B_DIR]]))
-    assert chosen.tolist() == [2]  # entry of candidate B
+    # the full DoLa choice: candidate picked by the published distance
+    scores, chosen = dola_scores(torch.tensor([F_DIR]), torch.tensor([[A_DIR], [B_DIR]]))
+    assert chosen.tolist() == [1]  # candidate B
     want = contrast_scores(torch.tensor([F_DIR]), torch.tensor([B_DIR]))
     torch.testing.assert_close(scores, want)
 
@@ -99,12 +103,10 @@ def test_repetition_penalty_on_contrast_scores_by_hand():
 
 def test_choice_is_per_sequence(tiny_llama):
     """Two rows whose most distant candidates differ get different premature layers."""
-    settings = DolaSettings("dola", (1, 3), 0.1, 1.0, "raw")
-    head = ContrastHead(tiny_llama[0], settings)
     final = torch.tensor([F_DIR, F_DIR])
     prem = torch.tensor([[A_DIR, B_DIR], [B_DIR, A_DIR]])  # [C=2, B=2, V]
-    scores, chosen = head.choose(final, prem)
-    assert chosen.tolist() == [3, 1]
+    scores, chosen = dola_scores(final, prem)
+    assert chosen.tolist() == [1, 0]
     torch.testing.assert_close(scores[1], contrast_scores(final[1:], torch.tensor([B_DIR]))[0])
 
 
@@ -216,6 +218,11 @@ def test_sampling_is_seeded(tiny_llama):
     a = generate(model, tok, TINY_PROMPTS, seed=3, **kw)
     b = generate(model, tok, TINY_PROMPTS, seed=3, **kw)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    # sampling is really used: other seeds give other tokens, and greedy differs from the samples
+    others = [generate(model, tok, TINY_PROMPTS, seed=s, **kw) for s in (4, 5)]
+    assert any([o.token_ids for o in x] != [o.token_ids for o in a] for x in others)
+    greedy = generate(model, tok, TINY_PROMPTS, **{**kw, "do_sample": False})
+    assert [o.token_ids for o in greedy] != [o.token_ids for o in a]
 
 
 def test_stop_string_is_stripped(tiny_llama):
@@ -294,8 +301,8 @@ def test_buckets_of_smollm2_shape():
 # ---------------------------------------------------------------- SmolLM2 (slow)
 
 def _questions(n):
-    from earlyexit.data import load_truthfulqa
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     return [truthfulqa_prompt(it.question) for it in load_truthfulqa(limit=n)]
 

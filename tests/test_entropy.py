@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from scipy.stats import false_discovery_control
 
-from earlyexit.batching import StopTracker
+from earlyexit.core.batching import StopTracker
 from earlyexit.cli import main
-from earlyexit.data import TruthfulQAItem, load_truthfulqa
-from earlyexit.entropy import (AnswerEntropy, analyse, conclusion, early_layers, generate_answers, group_verdict,
+from earlyexit.studies.data import TruthfulQAItem, load_truthfulqa
+from earlyexit.studies.entropy import (AnswerEntropy, analyse, conclusion, early_layers, generate_answers, group_verdict,
                                per_question_rows)
-from earlyexit.entropy_labels import AnswerScores, label_answers, score_answers, true_references
-from earlyexit.entropy_stats import (adjust_pvalues, bootstrap_curve, bootstrap_difference, group_curves,
+from earlyexit.studies.entropy_labels import AnswerScores, label_answers, score_answers
+from earlyexit.studies.entropy_stats import (adjust_pvalues, bootstrap_curve, bootstrap_difference, group_curves,
                                      layer_tests, weighted_curve)
 
 
@@ -142,7 +142,7 @@ def test_unknown_label_method_is_an_error():
 
 def test_score_answers_with_embedded_minilm():
     item = TruthfulQAItem(0, "What colour is the sky?", "The sky is blue.", ["It is blue."], ["The sky is green."])
-    assert true_references(item) == ["The sky is blue.", "It is blue."]
+    assert item.references() == (["The sky is blue.", "It is blue."], ["The sky is green."])
     s = score_answers([" The sky is blue.\n", "  \n", "The sky is green."], [item] * 3)
     assert s.f1_best[0] == pytest.approx(1.0, abs=1e-4)  # whitespace stripped before scoring
     assert not s.valid[1] and np.isnan(s.f1_best[1])
@@ -177,7 +177,7 @@ def test_empty_answers_are_excluded_and_counted():
 
 
 def test_conclusion_says_too_few_when_a_group_is_tiny():
-    from earlyexit.entropy import EntropyStudy
+    from earlyexit.studies.entropy import EntropyStudy
 
     a = _answers(4)
     s = _scores([0.9, 0.1, 0.2, 0.3], [0.9, 0.1, 0.2, 0.3], [0.5] * 4)
@@ -225,8 +225,8 @@ def test_stop_string_per_sequence_in_a_batch(tokenizer):
 
 @pytest.mark.slow
 def test_batched_generation_equals_unbatched(smollm2, data_dir):
-    from earlyexit.generation import generate_with_lens
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.core.generation import generate_with_lens
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     model, tok = smollm2
     prompts = [truthfulqa_prompt(it.question) for it in load_truthfulqa(data_dir, limit=4)]
@@ -280,8 +280,9 @@ def test_cli_writes_results(tmp_path, data_dir, monkeypatch):
     rc = main(["entropy", "--limit", "2", "--max-new-tokens", "8", "--n-boot", "50", "--data-dir", str(data_dir),
                "--out", str(tmp_path / "out")])
     assert rc == 0
-    res = json.loads((tmp_path / "out" / "entropy.json").read_text())
+    res = json.loads((tmp_path / "out" / "entropy_smollm2-135m.json").read_text())
+    assert res["kind"] == "entropy" and res["parameters"]["limit"] == 2
     assert res["n"] == 2 and res["meta"]["model"] == "smollm2-135m" and len(res["layers"]) == 31
     assert "MiniLM" in res["bertscore_model"] and set(res["groups"]) == {"threshold", "closer"}
-    lines = (tmp_path / "out" / "entropy_per_question.csv").read_text().strip().splitlines()
+    lines = (tmp_path / "out" / "entropy_per_question_smollm2-135m.csv").read_text().strip().splitlines()
     assert len(lines) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from earlyexit.kvcache import GrowingLayer, use_growing_layers
+from earlyexit.core.kvcache import GrowingLayer, use_growing_layers
 
 
 def _decode(model, ids, steps, grow):

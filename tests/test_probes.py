@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.data import Statement, load_true_false
-from earlyexit.features import (FeatureSettings, Features, chunk_key, extract_features, lens_projection,
-                                model_fingerprint, read_chunk, write_chunk)
-from earlyexit.lens import get_unembed
-from earlyexit.probes import (SIX_TOPICS, MLPConfig, condition_report, fit_layers, leave_one_topic_out,
+from earlyexit.studies.data import Statement, load_true_false
+from earlyexit.studies.features import (FeatureSettings, Features, chunk_key, extract_features, lens_projection)
+from earlyexit.core.store import model_fingerprint, read_npz, write_npz
+from earlyexit.core.lenses import LogitLens, get_unembed
+from earlyexit.studies.probes import (SIX_TOPICS, MLPConfig, condition_report, fit_layers, leave_one_topic_out,
                               lm_next_token, lm_token_prob, majority_vote, metrics, original_split, tap_layers,
                               topic_split, train_logreg, train_mlp, check_taps)
 
@@ -32,7 +32,7 @@ def test_batched_features_equal_one_at_a_time(tiny_llama, condition):
     np.testing.assert_allclose(a.lens, b.lens, atol=1e-3)
     np.testing.assert_array_equal(a.top1, b.top1)
     # the features are those of the prompt's last token: compare with a plain forward pass
-    from earlyexit.prompts import statement_prompt
+    from earlyexit.studies.prompts import statement_prompt
     ids = tok(statement_prompt(st[3].statement, condition), return_tensors="pt")["input_ids"]
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
@@ -46,11 +46,10 @@ def test_lens_feature_is_a_projection_of_the_log_probs(tiny):
     torch.manual_seed(0)
     h = torch.randn(len(entries), 5, u.hidden_size)
     s = FeatureSettings(proj_dim=16)
-    fast = lens_projection(u, h, entries, s)
-    slow = lens_projection(u, h, entries, s, fold=False)
-    from earlyexit.features import projection_matrix
-    from earlyexit.stats import entry_logits
-    ref = (torch.log_softmax(entry_logits(u, h, entries, "normed"), -1) @ projection_matrix(u.vocab_size, 16, 0))
+    fast = lens_projection(LogitLens(u), h, entries, s)
+    slow = lens_projection(LogitLens(u), h, entries, s, fold=False)
+    from earlyexit.studies.features import projection_matrix
+    ref = (torch.log_softmax(LogitLens(u).logits(h, entries), -1) @ projection_matrix(u.vocab_size, 16, 0))
     torch.testing.assert_close(slow, ref.transpose(0, 1), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(fast, slow, atol=1e-3, rtol=1e-4)
 
@@ -60,7 +59,7 @@ def test_warm_run_reads_the_cache(tiny_llama, tmp_path, monkeypatch):
     st = _statements(2)
     cold = extract_features(model, tok, st, "prompted", cache_dir=tmp_path, chunk_size=5)
     assert cold.stats["misses"] == cold.stats["chunks"] == 3
-    import earlyexit.features as F
+    import earlyexit.studies.features as F
 
     def boom(*a, **k):
         raise AssertionError("the model ran on a warm cache")
@@ -96,7 +95,7 @@ def test_cache_invalidated_by_model_prompt_data_and_settings(tiny_llama, tmp_pat
     again = extract_features(other, tok, st, "prompted", cache_dir=tmp_path)
     assert again.stats["misses"] == 1
     # a different prompt text (the same statements) misses too
-    import earlyexit.features as F
+    import earlyexit.studies.features as F
     orig = F.statement_prompt
     try:
         F.statement_prompt = lambda s, c: "Statement: " + orig(s, c)
@@ -120,12 +119,12 @@ def test_half_written_cache_file_is_never_read(tiny_llama, tmp_path):
     np.testing.assert_allclose(again.hidden, cold.hidden, atol=1e-5)
     # and a complete file under another key (e.g. renamed) is rejected as well
     path = tmp_path / "x.npz"
-    write_chunk(path, "key-a", {"hidden": np.zeros((2, 3, 4), np.float32)})
-    assert read_chunk(path, "key-a", 2) is not None
+    write_npz(path, "key-a", {"hidden": np.zeros((2, 3, 4), np.float32)})
+    assert read_npz(path, "key-a", rows=2) is not None
     with pytest.warns(UserWarning):
-        assert read_chunk(path, "key-b", 2) is None
+        assert read_npz(path, "key-b", rows=2) is None
     with pytest.warns(UserWarning):
-        assert read_chunk(path, "key-a", 3) is None
+        assert read_npz(path, "key-a", rows=3) is None
     # nothing but the final file is left beside it (the temporary file was renamed)
     assert [p.name for p in tmp_path.glob(".*")] == []
 
@@ -200,7 +199,7 @@ def test_standardisation_uses_training_rows_only():
     pipe = train_logreg(x[sp.train_idx], y[sp.train_idx])
     scaler = pipe[0]
     np.testing.assert_allclose(scaler.mean_, x[sp.train_idx].mean(0), rtol=1e-5)
-    from earlyexit.probes import fit_probe
+    from earlyexit.studies.probes import fit_probe
 
     res = fit_probe("logreg", x, y, sp)
     ref = train_logreg(x[sp.train_idx], y[sp.train_idx]).predict_proba(x.astype(np.float64))[:, 1]
@@ -246,7 +245,7 @@ def test_metrics_and_baselines(tokenizer):
 def test_majority_vote():
     x, y, topics = _toy()
     sp = original_split(topics)
-    from earlyexit.probes import ProbeResult
+    from earlyexit.studies.probes import ProbeResult
 
     probs = [np.where(y == 1, 0.9, 0.1), np.where(y == 1, 0.8, 0.2), np.full(len(y), 0.9)]
     rs = [ProbeResult("mlp", i, p) for i, p in enumerate(probs)]
@@ -281,15 +280,17 @@ def test_condition_report_on_a_tiny_model(tiny_llama):
 def test_cli_probes(tiny_llama, tmp_path, monkeypatch):
     import json
 
-    import earlyexit.models as M
+    import earlyexit.core.models as M
     from earlyexit.cli import main
 
     monkeypatch.setattr(M, "load_model", lambda name, **k: tiny_llama)
     rc = main(["probes", "--model", "tiny", "--condition", "bare", "--limit", "4", "--no-loto", "--taps", "1,2,3",
                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")])
     assert rc == 0
-    out = json.loads((tmp_path / "out" / "probes_bare.json").read_text())
-    assert out["meta"]["n"] == 24 and out["meta"]["settings"]["condition"] == "bare"
+    out = json.loads((tmp_path / "out" / "probes_tiny.json").read_text())  # the notebook's file and layout
+    assert out["kind"] == "probes" and list(out["conditions"]) == ["bare"]
+    assert out["meta"]["n"] == 24 and out["meta"]["settings"]["conditions"] == ["bare"]
+    assert out["conditions"]["bare"]["taps"] == [1, 2, 3] and "loto" not in out["conditions"]["bare"]
     assert main(["probes", "--kinds", "logits", "--out", str(tmp_path)]) == 2
 
 

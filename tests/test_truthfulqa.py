@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from earlyexit.data import TruthfulQAItem
-from earlyexit.mc import (MCQuestion, QuestionRaw, evaluate, format_answer, js_from_logprobs, mc_metrics,
+from earlyexit.studies.data import TruthfulQAItem
+from earlyexit.studies.mc import (MCQuestion, QuestionRaw, evaluate, format_answer, js_from_logprobs, mc_metrics,
                           mc_question, mc_raw, mc_raw_cached, question_raw, static_cross_validation)
-from earlyexit.openended import (bleu_from_stats, bleu_stats, corpus_bleu, generation_settings, read_predictions,
+from earlyexit.studies.openended import (bleu_from_stats, bleu_stats, corpus_bleu, generation_settings, read_predictions,
                                  reference_sets, rouge_l, score_completions)
 
 ITEM = TruthfulQAItem(0, "What colour is the sky?", "The sky is blue", ["Blue", "The sky is blue."],
@@ -110,22 +110,35 @@ def test_decoding_errors():
 
 def test_static_cross_validation_never_chooses_on_the_test_fold():
     raws = [_raw() for _ in range(6)]
-    for r in raws[:3]:  # half the questions favour layer 4 strongly, the others favour layer 6
-        r.premature[0] -= 10
-    for r in raws[3:]:
-        r.premature[1] -= 10
-        r.premature[0] += 10
+    for i, r in enumerate(raws):  # half the questions favour layer 4 strongly, the others layer 6
+        good, bad = (0, 1) if i < 3 else (1, 0)
+        r.premature[good, :3] -= 20  # the true answers' tokens (a, b) gain 20 nats each under `good`
+        r.premature[bad, 3:] -= 20  # the false answer's tokens gain under the other layer
     cv = static_cross_validation(raws, [4, 6], folds=2, seed=0)
     assert len(cv["folds"]) == 2 and sum(f["n_test"] for f in cv["folds"]) == 6
-    per_q = [it["premature_layer"] for it in cv["cross_fitted"].items]
-    assert set(per_q) <= {4, 6} and len(per_q) == 6
     assert set(cv["in_sample"]) == {4, 6}
+    # the layer each question is scored with is the best one on the questions of the OTHER fold, computed
+    # here independently from per-question scores
+    per_layer = {layer: evaluate(raws, "dola-static", premature_layer=layer, n_boot=1).items for layer in (4, 6)}
+    items = cv["cross_fitted"].items
+    folds = [it["fold"] for it in items]
+    assert sorted(set(folds)) == [0, 1]
+    for f in (0, 1):
+        others = [i for i, g in enumerate(folds) if g != f]
+        crit = {layer: np.mean([np.mean([per_layer[layer][i][k] for i in others]) for k in ("mc1", "mc2", "mc3")])
+                for layer in (4, 6)}
+        want = max((4, 6), key=lambda x: (crit[x], -x))
+        assert all(it["premature_layer"] == want for it, g in zip(items, folds) if g == f)
+    # the data make the two folds disagree, so choosing on the test fold itself would pick differently
+    own = [max((4, 6), key=lambda x: (per_layer[x][i]["mc1"] + per_layer[x][i]["mc2"], -x)) for i in range(6)]
+    assert own == [4, 4, 4, 6, 6, 6]
+    assert any(it["premature_layer"] != own[i] for i, it in enumerate(items))
     with pytest.raises(ValueError, match="at least 2"):
         static_cross_validation(raws[:1], [4, 6])
 
 
 def test_js_from_logprobs_equals_js_distance():
-    from earlyexit.contrast import js_distance
+    from earlyexit.methods.contrast import js_distance
 
     g = torch.Generator().manual_seed(0)
     final = torch.randn(5, 300, generator=g) * 4
@@ -141,9 +154,9 @@ def test_js_from_logprobs_equals_js_distance():
 
 def _reference(model, tok, question: MCQuestion, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per answer: a plain full forward of prompt + answer; [1 + C, n] log-probs and [C, n] distances."""
-    from earlyexit.contrast import js_distance
-    from earlyexit.lens import get_unembed
-    from earlyexit.prompts import truthfulqa_prompt
+    from earlyexit.methods.contrast import js_distance
+    from earlyexit.core.lenses import get_unembed
+    from earlyexit.studies.prompts import truthfulqa_prompt
 
     u = get_unembed(model)
     prompt = truthfulqa_prompt(question.question)
@@ -183,7 +196,7 @@ def test_tiny_cached_scores_equal_full_forwards(tiny):
 
 
 def test_cache_is_reused_and_workers_assemble(tiny_llama, tmp_path, monkeypatch):
-    import earlyexit.mc as mc
+    import earlyexit.studies.mc as mc
 
     model, tok = tiny_llama
     items = [ITEM, TruthfulQAItem(1, "Who wrote Hamlet?", "Shakespeare", ["Shakespeare"], ["Marlowe"]),
@@ -193,7 +206,7 @@ def test_cache_is_reused_and_workers_assemble(tiny_llama, tmp_path, monkeypatch)
     assert len(first) == 2  # worker 0 of 2 takes every other question of the seeded order
     assert len(mc.mc_raw_available(model, items, layers=[2], cache_dir=tmp_path / "b")) == 2
     mc_raw_cached(model, tok, items, layers=[2], cache_dir=tmp_path / "b", worker=(1, 2))
-    assert [f.name.endswith(".partial.pt") for f in (tmp_path / "b" / "cache").iterdir()] == [False]
+    assert [f.name.endswith(".partial.pt") for f in (tmp_path / "b").iterdir()] == [False]
 
     def boom(*a, **k):
         raise AssertionError("recomputed a cached question")
@@ -210,13 +223,15 @@ def test_cache_is_reused_and_workers_assemble(tiny_llama, tmp_path, monkeypatch)
 
 def test_question_raw_bad_layer(tiny_llama):
     model, tok = tiny_llama
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(ValueError, match="mature"):
         question_raw(model, tok, mc_question(ITEM), layers=[4])  # entry 4 is the mature layer of 4
+    with pytest.raises(IndexError, match="out of range"):
+        question_raw(model, tok, mc_question(ITEM), layers=[5])
 
 
 @pytest.mark.slow
 def test_smollm2_cached_scores_equal_full_forwards(smollm2):
-    from earlyexit.data import load_truthfulqa
+    from earlyexit.studies.data import load_truthfulqa
 
     model, tok = smollm2
     raws = _check_against_reference(model, tok, load_truthfulqa(limit=2), [4, 15, 29], atol=2e-3)
@@ -330,11 +345,13 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
     assert main(["truthfulqa", "mc", "--decoding", "dola", "--dola-layers", "27,29", "--limit", "1",
                  "--data-dir", str(data_dir), "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
+    assert doc["kind"] == "truthfulqa-mc" and list(doc["decodings"]) == ["dola"]  # dola.ipynb's layout
     assert doc["meta"]["model"] == "smollm2-135m" and doc["meta"]["settings"]["candidates"] == [27, 29]
     assert "torch" in doc["meta"]["versions"]
-    it = doc["items"][0]
+    d = doc["decodings"]["dola"]
+    it = d["items"][0]
     assert set(it) >= {"index", "question", "scores_true", "scores_false", "mc1", "mc2", "mc3"}
-    assert doc["mc1"] == it["mc1"]
+    assert d["mc1"] == it["mc1"]
     assert main(["truthfulqa", "mc", "--decoding", "dola", "--limit", "99999", "--data-dir", str(data_dir),
                  "--out", str(out)]) == 2
     preds = tmp_path / "preds.json"
@@ -343,14 +360,16 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
     scored = tmp_path / "scores.json"
     assert main(["truthfulqa", "score", "--predictions", str(preds), "--data-dir", str(data_dir),
                  "--out", str(scored)]) == 0
-    s = json.loads(scored.read_text())
-    assert s["n"] == 1 and 0 <= s["bleu"]["estimate"] <= 1 and "versions" in s["meta"]
+    doc = json.loads(scored.read_text())
+    assert doc["kind"] == "truthfulqa-scores" and "versions" in doc["meta"]
+    s = doc["decodings"]["predictions"]
+    assert s["n"] == 1 and 0 <= s["bleu"]["estimate"] <= 1
 
 
 # --- notebook tables ----------------------------------------------------------------------------
 
 def test_report_tables_from_a_synthetic_run():
-    from earlyexit.truthfulqa import (answer_lengths, mc2_saturation, mc_rows, open_ended_findings, open_ended_rows,
+    from earlyexit.studies.truthfulqa import (answer_lengths, mc2_saturation, mc_rows, open_ended_findings, open_ended_rows,
                                       paired_differences, premature_histograms, side_by_side)
 
     raws = [_raw(), _raw()]
@@ -389,7 +408,7 @@ def test_report_tables_from_a_synthetic_run():
 
 
 def test_scores_are_cached(tmp_path, monkeypatch):
-    import earlyexit.openended as oe
+    import earlyexit.studies.openended as oe
 
     first = oe.score_completions_cached([ITEM], ["Blue sky"], cache_dir=tmp_path, n_boot=10)
     monkeypatch.setattr(oe, "score_completions", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))

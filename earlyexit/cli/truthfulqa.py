@@ -1,0 +1,150 @@
+"""``earlyexit truthfulqa generate|mc|score``: the TruthfulQA evaluation from the command line.
+
+    earlyexit truthfulqa generate --model smollm2-135m --decoding dola --out answers.json
+    earlyexit truthfulqa mc --model smollm2-135m --decoding dola --dola-layers high --limit 20 --out mc.json
+    earlyexit truthfulqa score --predictions answers.json --out scores.json
+
+Every output JSON keeps the settings, the model and the library versions, and is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+
+from earlyexit.core.decoding import decoding_names
+
+from earlyexit.core.results import MCResults, ScoresResults, write_result
+from earlyexit.reports import display_path
+
+
+def _layers(text: str) -> str | list[int]:
+    if text in ("high", "low"):
+        return text
+    try:
+        layers = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dola-layers takes high, low or comma-separated entries, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("--dola-layers is empty: give high, low or entries such as 16,18,20.")
+    return layers
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--decoding", required=True, choices=decoding_names())
+    p.add_argument("--dola-layers", type=_layers, default="high", help="high, low, or entries such as 16,18,20")
+    p.add_argument("--premature-layer", type=int, default=None, help="the premature entry of dola-static")
+    p.add_argument("--premature-lens", choices=("raw", "normed"), default="raw")
+    p.add_argument("--limit", type=_positive, default=None, help="first N questions (default: all 817)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--progress", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("truthfulqa", help="TruthfulQA: open-ended answers, multiple choice, scoring")
+    tq = p.add_subparsers(dest="truthfulqa_command", required=True)
+
+    g = tq.add_parser("generate", help="greedy answers (vanilla or DoLa) to the TruthfulQA questions")
+    _common(g)
+    g.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0 vanilla, 1.2 DoLa")
+    g.add_argument("--relative-top", type=float, default=0.1)
+    g.add_argument("--max-new-tokens", type=_positive, default=50)
+    g.add_argument("--batch-size", type=_positive, default=8)
+    g.set_defaults(func=_run_generate)
+
+    m = tq.add_parser("mc", help="MC1/MC2/MC3 (the DoLa paper's multiple-choice protocol)")
+    _common(m)
+    m.set_defaults(func=_run_mc)
+
+    s = tq.add_parser("score", help="BLEU / ROUGE-L / BERTScore of a predictions file")
+    s.add_argument("--predictions", required=True,
+                   help="a generate output, or the DoLa paper's {'question': [...], 'model_completion': [...]}")
+    s.add_argument("--bertscore", choices=("minilm", "roberta-large"), default="minilm")
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_run_score)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.methods.dola import resolve_settings
+    from earlyexit.core.models import load_model
+    from earlyexit.studies.openended import generate_answers, generation_settings
+
+    settings = generation_settings(args.decoding, dola_layers=args.dola_layers, premature_layer=args.premature_layer,
+                                   repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                   relative_top=args.relative_top, premature_lens=args.premature_lens,
+                                   batch_size=args.batch_size)
+    items = load_truthfulqa(args.data_dir, args.limit)
+    model, tok = load_model(args.model)
+    resolve_settings(model, decoding=args.decoding, dola_layers=args.dola_layers, premature_layer=args.premature_layer,
+                     relative_top=args.relative_top, repetition_penalty=settings["repetition_penalty"],
+                     premature_lens=args.premature_lens)  # fail before any generation
+    doc = generate_answers(model, tok, items, settings, out=args.out, progress=args.progress)
+    print(f"wrote {args.out}: {len(doc['items'])} answers ({args.decoding})")
+    return 0
+
+
+def _run_mc(args: argparse.Namespace) -> int:
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.core.meta import run_metadata
+    from earlyexit.core.models import load_model
+    from earlyexit.methods.contrast import candidate_layers
+    from earlyexit.core.lenses import get_unembed
+    from earlyexit.studies.mc import evaluate, mc_raw
+
+    if args.decoding == "dola-static" and args.premature_layer is None:
+        raise ValueError("--decoding dola-static needs --premature-layer K (a hidden-state entry in 0..L-1).")
+    items = load_truthfulqa(args.data_dir, args.limit)
+    model, tok = load_model(args.model)
+    u = get_unembed(model)
+    kw: dict = {}
+    if args.decoding == "vanilla":
+        layers: list[int] = []
+    elif args.decoding == "dola":
+        layers = candidate_layers(u.n_layers, u.arch.tied_embeddings, args.dola_layers)
+        kw["candidates"] = layers
+    else:
+        layers = candidate_layers(u.n_layers, u.arch.tied_embeddings, [args.premature_layer])
+        kw["premature_layer"] = args.premature_layer
+    raws = mc_raw(model, tok, items, layers=layers, lens=args.premature_lens, progress=args.progress)
+    res = evaluate(raws, args.decoding, **kw)
+    settings = {"decoding": args.decoding, "candidates": kw.get("candidates"),
+                "premature_layer": kw.get("premature_layer"), "premature_lens": args.premature_lens,
+                "plausibility": False, "answer_format": "' ' + answer, '.' appended when missing"}
+    # the layout of dola.ipynb's dola_mc_<model>.json: one entry per decoding under "decodings"
+    write_result(args.out, MCResults.KIND, {"meta": run_metadata(model, len(items), **settings),
+                                            "decodings": {args.decoding: res.as_dict()}})
+    print(f"wrote {args.out}: MC1 {res.means['mc1']:.3f}  MC2 {res.means['mc2']:.3f}  MC3 {res.means['mc3']:.3f}"
+          f"  (n = {len(items)}, {args.decoding})")
+    return 0
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.core.meta import run_metadata
+    from earlyexit.studies.openended import read_predictions, score_completions
+
+    items = load_truthfulqa(args.data_dir)
+    matched, completions, source_meta = read_predictions(args.predictions, items)
+    scores = score_completions(matched, completions, bertscore=args.bertscore)
+    name = (source_meta.get("settings") or {}).get("decoding", "predictions")
+    # the layout of dola.ipynb's dola_scores_<model>.json: one entry per decoding under "decodings"
+    write_result(args.out, ScoresResults.KIND,
+                 {"meta": run_metadata(source_meta.get("model"), len(matched), predictions=display_path(args.predictions),
+                                       bertscore=args.bertscore, source_settings=source_meta.get("settings")),
+                  "decodings": {name: scores.as_dict()}})
+    s = scores.summary
+    print(f"wrote {args.out}: BLEU {s['bleu']['estimate']:.4f}  ROUGE-L {s['rouge_l']['estimate']:.4f}  "
+          f"BERTScore {s['bertscore']['estimate']:.4f}  (n = {s['n']})")
+    return 0

@@ -1,0 +1,263 @@
+"""The TruthfulQA evaluation of ``dola.ipynb``: MC and open-ended runs, cached, with their tables.
+
+Raw outputs are cached in ``results_dir`` (MC: per-token log-probs in ``results_dir/cache``; answers:
+``dola_generate_<decoding>_<model>.json``, the same files the CLI writes), keyed by model, questions and
+settings, so re-running the notebook after the full runs costs only the scoring.
+
+>>> mc = run_mc(model, tok, items, results_dir="results")            # doctest: +SKIP
+>>> mc_rows(mc)                                                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from earlyexit.core.results import GenerateResults, MCResults, ScoresResults, write_result
+from earlyexit.studies.data import TruthfulQAItem
+from earlyexit.studies.mc import METRICS, evaluate, mc_layers, mc_raw_available, mc_raw_cached, static_cross_validation
+from earlyexit.studies.openended import generate_answers, generation_settings, score_completions_cached, summarise_rows
+
+# Figures quoted from the literature, shown beside ours with the model they come from.
+PAPER_MC = {  # DoLa paper (Chuang et al. 2023), TruthfulQA MC, LLaMA-7B — quoted from the paper
+    "model": "LLaMA-7B (quoted from the DoLa paper)",
+    "vanilla": {"mc1": 0.256, "mc2": 0.406, "mc3": 0.192},
+    "dola": {"mc1": 0.322, "mc2": 0.638, "mc3": 0.321},
+}
+STUDY_OPEN_ENDED = {  # the original study's table (Llama-7B-class generations), see protocols Part 4
+    "model": "Llama-7B-class (the original study's table)",
+    "vanilla": {"bleu": 0.2444, "rouge_l": 0.4098, "bertscore": 0.9005},
+    "dola": {"bleu": 0.1639, "rouge_l": 0.3470, "bertscore": 0.8919},
+    "bertscore_model": "roberta-large",
+}
+
+
+def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
+           lens: str = "raw", n_boot: int = 2000, seed: int = 0, allow_partial: bool = False,
+           progress: bool = False) -> dict[str, Any]:
+    """Vanilla, DoLa high, DoLa low and static DoLa (layer chosen by 2-fold cross-validation) from one
+    pass over the questions; writes ``results_dir/dola_mc_<model>.json`` (a ``truthfulqa-mc`` results file)
+    and returns its content.
+
+    ``allow_partial`` evaluates only the questions an unfinished cached run has done (``n`` says how
+    many) instead of computing the rest."""
+    from earlyexit.core.meta import run_metadata
+
+    layers = mc_layers(model)
+    raws = mc_raw_available(model, items, layers=layers["all"], lens=lens) if allow_partial else []
+    if len(raws) == len(items) or not raws:
+        raws = mc_raw_cached(model, tokenizer, items, layers=layers["all"], lens=lens, progress=progress)
+    results = {
+        "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
+        "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
+        "dola-low": evaluate(raws, "dola", candidates=layers["low"], n_boot=n_boot, seed=seed),
+    }
+    cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
+    results["dola-static (2-fold CV)"] = cv["cross_fitted"]
+    doc = {
+        "meta": run_metadata(model, len(raws), lens=lens, questions_requested=len(items),
+                             complete=len(raws) == len(items), buckets=layers, plausibility=False,
+                             answer_format="' ' + answer, '.' appended when missing",
+                             static_selection=cv["cross_fitted"].settings["selection"], n_boot=n_boot, seed=seed),
+        "decodings": {k: r.as_dict() for k, r in results.items()},
+        "static": {"folds": cv["folds"], "in_sample": cv["in_sample"], "criterion": cv["criterion"]},
+        "paper": PAPER_MC,
+    }
+    write_result(MCResults.path(results_dir, model), MCResults.KIND, doc)
+    return doc
+
+
+def mc_rows(doc: dict) -> list[dict]:
+    """One row per decoding: estimates with their 95% CIs, n, the candidate layers."""
+    rows = []
+    for name, r in doc["decodings"].items():
+        row: dict[str, Any] = {"decoding": name, "n": r["n"]}
+        for k in METRICS:
+            ci = r["ci"][k]
+            row[k] = f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+        row["layers"] = r["settings"]["candidates"] if name != "vanilla" else "-"
+        rows.append(row)
+    for name in ("vanilla", "dola"):
+        p = doc["paper"][name]
+        rows.append({"decoding": f"{name} — {doc['paper']['model']}", "n": 817,
+                     **{k: f"{p[k]:.3f}" for k in ("mc1", "mc2", "mc3")}, "mc2_norm": "-", "layers": "-"})
+    return rows
+
+
+def run_open_ended(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
+                   batch_size: int = 16, bertscore: str = "minilm", n_boot: int = 2000, seed: int = 0,
+                   allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Vanilla (penalty 1.0) and DoLa-high (1.2) answers (reusing ``dola_generate_<decoding>_<model>.json``
+    when they hold this model, these questions and settings), scored; writes ``dola_scores_<model>.json``
+    (``{"decodings": {name: scores}, "study": ...}``).
+
+    ``allow_partial`` scores an unfinished answers file on the questions it has (reported as such)
+    instead of finishing it.
+    """
+    import json
+
+    from earlyexit.core.meta import run_metadata
+    from earlyexit.core.models import model_name
+
+    out: dict[str, Any] = {"generations": {}, "scores": {}}
+    for decoding in ("vanilla", "dola"):
+        settings = generation_settings(decoding, batch_size=batch_size)
+        path = GenerateResults.path(results_dir, model, decoding=decoding)
+        doc = None
+        if allow_partial and path.exists():
+            doc = json.loads(path.read_text())
+            meta = doc.get("meta", {})
+            if meta.get("settings") != settings or meta.get("model") != model_name(model) or not doc.get("items"):
+                doc = None
+        if doc is None:
+            doc = generate_answers(model, tokenizer, items, settings, out=path, progress=progress)
+        by_index = {it.index: it for it in items}
+        rows = [r for r in doc["items"] if r["index"] in by_index]
+        scores = score_completions_cached([by_index[r["index"]] for r in rows], [r["completion"] for r in rows],
+                                          bertscore=bertscore, n_boot=n_boot, seed=seed)
+        out["generations"][decoding] = doc
+        out["scores"][decoding] = {**scores.summary, "settings": settings, "complete": bool(doc.get("complete")),
+                                   "items": scores.items}
+    sets = {k: {r["index"] for r in v["items"]} for k, v in out["scores"].items()}
+    common = set.intersection(*sets.values())
+    if any(s != common for s in sets.values()) and common:
+        # an unfinished run: also compare both decodings on the questions both answered
+        for k in list(out["scores"]):
+            v = out["scores"][k]
+            rows = [r for r in v["items"] if r["index"] in common]
+            out["scores"][f"{k} (the {len(common)} questions both answered)"] = {
+                **summarise_rows(rows, n_boot=n_boot, seed=seed), "settings": v["settings"],
+                "complete": v["complete"], "items": []}
+    write_result(ScoresResults.path(results_dir, model), ScoresResults.KIND,
+                 {"meta": run_metadata(model, len(items), bertscore=bertscore, n_boot=n_boot, seed=seed),
+                  "study": STUDY_OPEN_ENDED, "decodings": out["scores"]})
+    return out
+
+
+OPEN_METRICS = ("bleu", "rouge_l", "bertscore", "bleu_diff", "bleu_acc", "rouge_l_diff", "rouge_l_acc",
+                "bertscore_diff", "bertscore_acc")
+
+
+def open_ended_rows(scores: dict[str, dict]) -> list[dict]:
+    """One row per decoding (estimate [95% CI]) and the original study's row for each."""
+    rows = []
+    for name, s in scores.items():
+        row: dict[str, Any] = {"decoding": name, "n": s["n"], "complete": s["complete"]}
+        for k in OPEN_METRICS:
+            ci = s[k]
+            row[k] = f"{ci['estimate']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]"
+        rows.append(row)
+    for name in ("vanilla", "dola"):
+        st = STUDY_OPEN_ENDED[name]
+        rows.append({"decoding": f"{name} — {STUDY_OPEN_ENDED['model']}", "n": 817, "complete": True,
+                     **{k: f"{st[k]:.4f}" if k in st else "-" for k in OPEN_METRICS}})
+    return rows
+
+
+def _compare(a: dict, b: dict) -> str:
+    """How interval ``a`` stands against interval ``b``: 'higher', 'lower' or 'overlapping'."""
+    if a["low"] > b["high"]:
+        return "higher"
+    if a["high"] < b["low"]:
+        return "lower"
+    return "overlapping"
+
+
+def open_ended_findings(scores: dict[str, dict], generations: dict[str, dict], *, base: str = "vanilla",
+                        other: str = "dola", limit: int = 50) -> list[str]:
+    """Sentences (markdown bullets) comparing ``other`` with ``base`` on the open-ended metrics, computed
+    from the scores (estimates with 95% CIs) and the generations; empty when either run is missing.
+
+    >>> ci = lambda e: {"estimate": e, "low": e - 0.01, "high": e + 0.01}
+    >>> s = {k: {"n": 2, **{m: ci(v) for m in OPEN_METRICS}} for k, v in (("vanilla", 0.5), ("dola", 0.2))}
+    >>> g = {k: {"items": [{"token_ids": [1] * 50, "completion": "a"}, {"token_ids": [1], "completion": "b"}]}
+    ...      for k in s}
+    >>> open_ended_findings(s, g)[0]
+    '- BLEU: dola 0.200 [0.190, 0.210] vs vanilla 0.500 [0.490, 0.510] (lower, n = 2)'
+    """
+    if base not in scores or other not in scores:
+        return []
+    names = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "bertscore": "BERTScore F1"}
+    fmt = lambda ci: f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    a, b = scores[other], scores[base]
+    out = [f"- {names[k]}: {other} {fmt(a[k])} vs {base} {fmt(b[k])} ({_compare(a[k], b[k])}, n = {a['n']})"
+           for k in names]
+    out += [f"- closer to a true than to a false reference ({names[k]}): {other} {fmt(a[k + '_acc'])} vs {base} "
+            f"{fmt(b[k + '_acc'])}; mean difference {other} {a[k + '_diff']['estimate']:+.3f}, "
+            f"{base} {b[k + '_diff']['estimate']:+.3f}" for k in names]
+    hit = {k: v["share at the token limit"] for k, v in answer_lengths(generations, limit).items()}
+    out.append(f"- answers that ran into the {limit}-token limit: {other} {hit[other]:.1%}, {base} {hit[base]:.1%}")
+    return out
+
+
+def answer_lengths(generations: dict[str, dict], limit: int = 50) -> dict[str, dict]:
+    """Per decoding: number of answers, mean new tokens, share of answers that reached ``limit`` new tokens,
+    and empty answers."""
+    out = {}
+    for name, g in generations.items():
+        n_tokens = [len(r["token_ids"]) for r in g["items"]]
+        out[name] = {"answers": len(n_tokens), "mean new tokens": sum(n_tokens) / max(len(n_tokens), 1),
+                     "share at the token limit": sum(n >= limit for n in n_tokens) / max(len(n_tokens), 1),
+                     "empty answers": sum(not r["completion"] for r in g["items"])}
+    return out
+
+
+def premature_histograms(mc_doc: dict, generations: dict[str, dict]) -> dict[str, Counter]:
+    """Counts of chosen premature layers: MC answer tokens (high, low buckets) and DoLa answer tokens."""
+    out = {f"MC tokens, {k}": Counter({int(l): c for l, c in mc_doc["decodings"][k]["premature_counts"].items()})
+           for k in ("dola-high", "dola-low")}
+    if "dola" in generations:
+        out["generated tokens, DoLa high"] = Counter(
+            int(l) for r in generations["dola"]["items"] for l in r["premature_layers"] if l is not None)
+    return out
+
+
+def side_by_side(items: Sequence[TruthfulQAItem], generations: dict[str, dict], k: int = 6,
+                 seed: int = 0) -> list[dict]:
+    """``k`` questions (seeded choice among those answered by both decodings) with the Best Answer
+    and both answers."""
+    import random
+
+    by = {name: {r["index"]: r["completion"] for r in g["items"]} for name, g in generations.items()}
+    common = [it for it in items if all(it.index in d for d in by.values())]
+    pick = sorted(random.Random(seed).sample(range(len(common)), min(k, len(common))))
+    return [{"question": common[i].question, "best answer": common[i].best_answer,
+             **{name: by[name][common[i].index] for name in by}} for i in pick]
+
+
+def paired_differences(mc_doc: dict, base: str = "vanilla", n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Per decoding, the mean per-question difference to ``base`` for each metric, with a paired 95%
+    bootstrap CI (the same resampled questions for both)."""
+    import numpy as np
+
+    from earlyexit.studies.bootstrap import bootstrap_ci
+
+    ref = {it["index"]: it for it in mc_doc["decodings"][base]["items"]}
+    rows = []
+    for name, r in mc_doc["decodings"].items():
+        if name == base:
+            continue
+        row: dict[str, Any] = {"decoding": f"{name} − {base}"}
+        for k in METRICS:
+            d = np.array([it[k] - ref[it["index"]][k] for it in r["items"]])
+            ci = bootstrap_ci(d, n_boot=n_boot, seed=seed)
+            row[k] = f"{ci.estimate:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
+        rows.append(row)
+    return rows
+
+
+def mc2_saturation(mc_doc: dict, tol: float = 1e-3) -> list[dict]:
+    """Share of questions whose MC2 is within ``tol`` of 0 or 1, and the correlation of the summed DoLa
+    score with answer length (why MC2 of summed contrast scores saturates; see protocols Part 4)."""
+    import numpy as np
+
+    rows = []
+    for name, r in mc_doc["decodings"].items():
+        mc2 = np.array([it["mc2"] for it in r["items"]])
+        mc2n = np.array([it["mc2_norm"] for it in r["items"]])
+        spread = np.array([max(it["scores_true"] + it["scores_false"]) - min(it["scores_true"] + it["scores_false"])
+                           for it in r["items"]])
+        rows.append({"decoding": name, "MC2 saturated (≤tol or ≥1−tol)": float(np.mean((mc2 <= tol) | (mc2 >= 1 - tol))),
+                     "length-normalised MC2 saturated": float(np.mean((mc2n <= tol) | (mc2n >= 1 - tol))),
+                     "median score spread within a question (nats)": float(np.median(spread))})
+    return rows
