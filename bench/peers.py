@@ -81,7 +81,7 @@ class PeakMeter:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
-            self.how = "VmHWM after minus VmRSS before, high-water mark reset via /proc/self/clear_refs"
+            self.how = "VmHWM after minus VmRSS before, high-water mark reset by writing 5 to the process's clear_refs file"
         except OSError:
             self.how = "ru_maxrss after minus ru_maxrss before (no reset possible: can under-count)"
         self.rss0_kb = _status_kb("VmRSS")

@@ -12,16 +12,40 @@ import warnings as _warnings
 # path to tqdm) would only end up in the executed notebooks
 _warnings.filterwarnings("ignore", message="IProgress not found")
 
-from earlyexit.core.arch import ARCHITECTURES, ArchSpec, resolve_arch
-from earlyexit.core.decoding import DECODERS, decode, decoding_names, make_scorer
-from earlyexit.core.generation import LensGeneration, generate_with_lens
-from earlyexit.core.lens import LensResult, answer_span, depth_layers, lens_stats
-from earlyexit.core.lenses import LENS_NAMES, Lens, LogitLens, RawLens, resolve_lens
-from earlyexit.core.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, load_tokenizer
-from earlyexit.core.tiny import tiny_model
-from earlyexit.core.unembed import Unembed
-from earlyexit.methods import dola
-from earlyexit.studies.data import load_general_knowledge, load_true_false, load_truthfulqa
+# The public names are imported when first used (PEP 562), so ``import earlyexit`` (and the command line's
+# start) does not import torch: a Ctrl-C while the CLI starts up ends in one line, not a traceback, and
+# ``earlyexit --help`` is quick.
+_EXPORTS = {
+    "earlyexit.core.arch": ("ARCHITECTURES", "ArchSpec", "resolve_arch"),
+    "earlyexit.core.decoding": ("DECODERS", "decode", "decoding_names", "make_scorer"),
+    "earlyexit.core.generation": ("LensGeneration", "generate_with_lens"),
+    "earlyexit.core.lens": ("LensResult", "answer_span", "depth_layers", "lens_stats"),
+    "earlyexit.core.lenses": ("LENS_NAMES", "Lens", "LogitLens", "RawLens", "resolve_lens"),
+    "earlyexit.core.models": ("DEFAULT_MODEL", "EMBEDDED_MODELS", "load_model", "load_tokenizer"),
+    "earlyexit.core.tiny": ("tiny_model",),
+    "earlyexit.core.unembed": ("Unembed",),
+    "earlyexit.studies.data": ("load_general_knowledge", "load_true_false", "load_truthfulqa"),
+    "earlyexit.view": ("lens_view",),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+_WHERE["dola"] = "earlyexit.methods.dola"  # a module
+
+
+def __getattr__(name: str):
+    import importlib
+
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'earlyexit' has no attribute {name!r}")
+    module = importlib.import_module(mod)
+    value = module if name == "dola" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __version__ = "0.1.0"
 
@@ -30,5 +54,5 @@ __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "Lens", "LogitLens", "RawLens", "LENS_NAMES", "resolve_lens",
     "lens_stats", "LensResult", "answer_span", "depth_layers", "generate_with_lens", "LensGeneration",
     "DECODERS", "decode", "decoding_names", "make_scorer",
-    "load_truthfulqa", "load_true_false", "load_general_knowledge", "dola",
+    "load_truthfulqa", "load_true_false", "load_general_knowledge", "dola", "lens_view",
 ]

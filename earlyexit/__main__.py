@@ -1,3 +1,10 @@
-from earlyexit.cli import main
+try:
+    from earlyexit.cli import main  # imports torch: a Ctrl-C may come during it
 
-raise SystemExit(main())
+    code = main()
+except KeyboardInterrupt:
+    import sys
+
+    print("\nearlyexit: interrupted", file=sys.stderr)
+    code = 130
+raise SystemExit(code)

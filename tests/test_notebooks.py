@@ -20,6 +20,7 @@ SMALL = {
     "Entropy.ipynb": {"limit": 12},
     "classifier.ipynb": {"limit": 60},
     "dola.ipynb": {"limit": 6},
+    "early_exit.ipynb": {"limit": 6, "decoder_limit": 2},
 }
 # the results files each notebook writes (the model in every name)
 RESULTS = {
@@ -28,6 +29,7 @@ RESULTS = {
     "classifier.ipynb": ["probes_{m}.json"],
     "dola.ipynb": ["dola_mc_{m}.json", "dola_scores_{m}.json", "dola_generate_vanilla_{m}.json",
                    "dola_generate_dola_{m}.json"],
+    "early_exit.ipynb": ["early_exit_{m}.json"],
 }
 # Imported by the kernel at start-up (PYTHONPATH): any model load raises, so a redraw that loads one fails.
 GUARD = '''

@@ -18,6 +18,15 @@ from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.mc import evaluate, mc_question, mc_raw, mc_raw_cached, question_raw
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread is faster, and much faster on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- a direct L·k·V implementation
 
 def direct_sled(final, premature, k, rate, steps, floor):
@@ -30,8 +39,10 @@ def direct_sled(final, premature, k, rate, steps, floor):
     for b in range(B):
         z, x = final[b], premature[:, b]
         cand = torch.topk(F.softmax(z, -1), k).indices
-        grad = F.softmax(x, -1)[:, None, :].expand(N, k, V) - F.one_hot(cand, V).to(z.dtype)[None]
-        cos = F.cosine_similarity(grad, (x - z)[:, None, :].expand(N, k, V), dim=2)  # [N, k]
+        onehot = F.one_hot(cand, V).to(z.dtype)
+        cos = torch.stack([  # [N, k], one layer's [k, V] at a time (the authors stack all N)
+            F.cosine_similarity(F.softmax(x[n], -1)[None] - onehot, (x[n] - z)[None].expand(k, V), dim=1)
+            for n in range(N)])
         v = (cos * (cos > 0)) ** 2
         s = v.sum(1)
         v = torch.where(s[:, None] != 0, v / torch.where(s != 0, s, 1)[:, None], v)
@@ -91,6 +102,20 @@ def test_cosines_equal_cosine_similarity_and_are_accurate_in_float32():
     direct32 = F.cosine_similarity(p32[:, None, :] - F.one_hot(c[0], 300).float()[None],
                                    (x.float() - z.float())[:, 0][:, None, :].expand(3, 10, 300), dim=2)
     assert (direct32.double() - ref[:, 0]).abs().max() > 10 * (ours32 - ref).abs().max()
+
+
+@pytest.mark.parametrize("cache_bytes", [4 * 40 * 3, 4 * 40 * 2, 4 * 40 * 7])
+def test_blocked_cosines_equal_unblocked(monkeypatch, cache_bytes):
+    import earlyexit.methods.sled as sled
+
+    final, prem = _random_case(5, N=5, B=3, V=40)
+    cand = final.topk(6, -1).indices
+    want = candidate_cosines(final, prem, cand)
+    monkeypatch.setattr(sled, "CACHE_BYTES", cache_bytes)  # blocks of 1 layer × 3 rows, 1 × 2, 2 × 3
+    for inplace in (False, True):
+        x = prem.clone()
+        torch.testing.assert_close(candidate_cosines(final, x, cand, inplace=inplace), want, rtol=0, atol=1e-13)
+        assert torch.equal(x, prem) != inplace
 
 
 def test_raw_lens_scale_logits_are_fast_and_finite():
@@ -184,7 +209,7 @@ def test_registry_and_settings(tiny_llama):
     assert s.entries == (0, 1, 2, 3, 4) and s.layers == [0, 1, 2, 3]
     assert s.settings() == {"decoding": "sled", "evolution_scale": 50, "evolution_rate": 2.0, "evolution_steps": 1,
                             "evolution_lower_bound": -1000.0, "layers": [0, 1, 2, 3], "premature_lens": "raw",
-                            "repetition_penalty": 1.0}
+                            "premature_dtype": "float32", "repetition_penalty": 1.0}
     s2 = resolve_settings(model, decoding="sled", repetition_penalty=1.2, premature_lens="normed",
                           method_settings={"evolution_scale": 7, "sled_layers": [1, 3]})
     assert s2.settings()["evolution_scale"] == 7 and s2.entries == (1, 3, 4) and s2.lens.name == "normed"
@@ -223,6 +248,8 @@ def test_bad_input(tiny_llama):
         make_scorer(model, "sled", nonsense=1)
     with pytest.raises(ValueError, match="repetition_penalty"):
         make_scorer(model, "sled", repetition_penalty=0)
+    with pytest.raises(ValueError, match="premature_dtype"):
+        make_scorer(model, "sled", premature_dtype="float16")
     with pytest.raises(ValueError, match="evolution_steps must be ≥ 1"):
         from earlyexit.methods.sled import check_steps
         check_steps(0, allow_zero=False)
@@ -291,6 +318,30 @@ def test_zero_steps_decodes_greedy(tiny):
     sled0 = decode(model, lists, make_scorer(model, "sled", evolution_steps=0), max_new_tokens=8, pad_id=0)
     greedy = decode(model, lists, make_scorer(model, "vanilla"), max_new_tokens=8, pad_id=0)
     assert [d.token_ids for d in sled0] == [d.token_ids for d in greedy]
+
+
+def test_bfloat16_premature_head_is_close_and_keeps_the_final_logits(tiny):
+    model, tok = tiny
+    from earlyexit.methods.sled import premature_logits
+
+    u = get_unembed(model)
+    L = u.n_layers
+    ids = torch.tensor([tok(PROMPTS[1])["input_ids"]])
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    h = torch.stack([hs[e][0] for e in range(L)])  # [L, T, d]
+    for lens in ("raw", "normed"):
+        lz = resolve_lens(model, lens)
+        exact = premature_logits(lz, h, list(range(L)))
+        for transposed in (False, True):
+            approx = premature_logits(lz, h, list(range(L)), "bfloat16", transposed=transposed)
+            assert approx.dtype == torch.float32 and approx.shape == exact.shape
+            assert (approx - exact).abs().max() <= 0.02 * exact.abs().max() + 1e-3
+    lists = [tok(p)["input_ids"] for p in PROMPTS]
+    a = decode(model, lists, make_scorer(model, "sled", premature_dtype="bfloat16", evolution_steps=0),
+               max_new_tokens=5, pad_id=0)
+    b = decode(model, lists, make_scorer(model, "vanilla"), max_new_tokens=5, pad_id=0)
+    assert [d.token_ids for d in a] == [d.token_ids for d in b]  # the final logits are the model's own
 
 
 def test_generate_and_custom_generate(tiny_llama):
@@ -394,3 +445,38 @@ def test_question_raw_sled_bad_layers(tiny_llama):
     model, tok = tiny_llama
     with pytest.raises(ValueError, match="mature"):
         question_raw(model, tok, mc_question(ITEMS[0]), layers=[], sled=SledSettings.mc(layers=(1, 4)))
+
+
+# ---------------------------------------------------------------- the real SmolLM2
+
+def _questions(n):
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.studies.prompts import truthfulqa_prompt
+
+    return [truthfulqa_prompt(it.question) for it in load_truthfulqa(None, n)]
+
+
+@pytest.mark.slow
+def test_smollm2_decode_matches_reference(smollm2):
+    model, tok = smollm2
+    L = get_unembed(model).n_layers
+    ids = tok(_questions(1)[0])["input_ids"]
+    got = generate(model, tok, _questions(1), decoding="sled", repetition_penalty=1.0, max_new_tokens=5, stop=(),
+                   ignore_eos=True)[0].token_ids
+    assert got == reference_sled(model, ids, 5, layers=list(range(L)))
+
+
+@pytest.mark.slow
+def test_smollm2_custom_generate_and_batches(smollm2):
+    model, tok = smollm2
+    prompts = _questions(3)
+    kw = dict(decoding="sled", repetition_penalty=1.2, max_new_tokens=8, stop=())
+    ours = generate(model, tok, prompts, batch_size=3, **kw)
+    single = [generate(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert [o.token_ids for o in ours] == [o.token_ids for o in single]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    seq = model.generate(**enc, custom_generate=custom_generate, decoding="sled", repetition_penalty=1.2,
+                         max_new_tokens=8)
+    for row, o in zip(seq[:, enc["input_ids"].shape[1]:].tolist(), ours):  # ours ends before EOS
+        assert row[:len(o.token_ids)] == o.token_ids

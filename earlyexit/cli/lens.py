@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from earlyexit.cli.common import parse_layers
+from earlyexit.cli.common import layer_list, nonnegative_int, out_file, parse_layers, positive_int
+from earlyexit.core.errors import BadInput, OutputPathError
 from earlyexit.core.results import LensTable, write_result
 
 LENS_CHOICES = ("normed", "raw")
@@ -22,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lens", help="per-layer top tokens and entropy at the last prompt position")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--layers", default=None, help="comma-separated hidden-state entries (default: all 0..L)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--layers", type=layer_list, default=None,
+                   help="comma-separated hidden-state entries (default: all 0..L)")
+    p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--raw", action="store_true", help="raw lens: head without the final norm (= --lens raw)")
     p.add_argument("--lens", type=parse_lenses, action="append", default=None, metavar="LENS",
                    help="lens(es) to compute: normed, raw; repeat or comma-separate for a lens switch in --html "
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the interactive, self-contained lens viewer (tokens × layers) to this file")
     p.add_argument("--png", default=None, metavar="OUT",
                    help="write the static grid figure to OUT (.png) and beside it as .pdf")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--generate", type=nonnegative_int, default=0, metavar="N",
                    help="extend the prompt by N greedy tokens before reading the lens (viewer and figure)")
     p.set_defaults(func=_run_lens)
 
@@ -48,8 +51,13 @@ def _run_lens(args: argparse.Namespace) -> int:
     if args.raw or not lenses:
         lenses.append("raw" if args.raw else "normed")
     lenses = list(dict.fromkeys(lenses))
-    if args.generate < 0:
-        raise ValueError(f"--generate takes a number of tokens ≥ 0, got {args.generate}")
+    if not args.prompt.strip():
+        raise BadInput("--prompt is empty: give some text to read the lens on.")
+    outs = [(o, v) for o, v in (("--json", args.json), ("--html", args.html), ("--png", args.png)) if v]
+    for option, path in outs:  # before the model loads
+        out_file(path, option=option, kind=LensTable.KIND if option == "--json" else None)
+    if len({os.path.realpath(v) for _, v in outs}) < len(outs):
+        raise OutputPathError(f"{' and '.join(o for o, _ in outs)} name the same file: give each its own.")
     model, tok = load_model(args.model)
     if args.html or args.png or args.generate:
         from earlyexit.view import lens_view

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from earlyexit.cli.common import layer_list, out_dir, positive_int
+
 
 def _conditions(text: str) -> list[str]:
     from earlyexit.reports.probes import CONDITIONS
@@ -29,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="statements per topic (default: all)")
     p.add_argument("--kinds", default="hidden,lens", help="comma-separated feature kinds: hidden, lens")
     p.add_argument("--loto-kinds", default="hidden", help="feature kinds of leave-one-topic-out (default: hidden)")
-    p.add_argument("--taps", default=None, help="comma-separated tap layers (default: 1/2, 5/8, 3/4 of the depth)")
+    p.add_argument("--taps", type=layer_list, default=None, help="comma-separated tap layers (default: 1/2, 5/8, 3/4 of the depth)")
     p.add_argument("--no-loto", action="store_true", help="skip leave-one-topic-out")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--cache-dir", default=None, help="feature cache (default: ~/.cache/earlyexit/features)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -48,10 +50,15 @@ def _run_probes(args: argparse.Namespace) -> int:
 
     kinds = check_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
     loto_kinds = check_kinds([k.strip() for k in args.loto_kinds.split(",") if k.strip()])
+    out_dir(args.out, files=[(ProbesResults.path(args.out, args.model), ProbesResults.KIND)])  # before the model
     res = compute(args.model, limit=args.limit, data_dir=args.data_dir, conditions=args.condition, kinds=kinds,
                   loto=not args.no_loto, loto_kinds=loto_kinds, taps=parse_layers(args.taps),
                   batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed, progress=True)
     out = res.save(ProbesResults.path(args.out, args.model))
+    from earlyexit.core.parallel import is_main_process
+
+    if not is_main_process():  # under accelerate launch the main process wrote the file and reports
+        return 0
     for condition in res["conditions"]:
         print(f"\n{condition} statements, original split (test on cities):")
         print(print_table(res, condition))

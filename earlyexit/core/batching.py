@@ -29,25 +29,29 @@ def encode_prompts(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], 
     Raises ``ValueError`` for an empty prompt, or one that with ``reserve`` new tokens would not fit
     the model's context.
     """
+    from earlyexit.core.errors import BadInput, BadType
+
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt]")
+        raise BadType("prompts must be a list of strings, not one string; wrap it: [prompt]")
     if len(prompts) == 0:
-        raise ValueError("No prompts given: pass a non-empty list of strings.")
+        raise BadInput("No prompts given: pass a non-empty list of strings.")
     if all(isinstance(p, int) for p in prompts):
-        raise TypeError("prompts must be a list of prompts, not one list of token ids; wrap it: [ids]")
+        raise BadType("prompts must be a list of prompts, not one list of token ids; wrap it: [ids]")
     limit = context_length(model) if model is not None else None
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids = [int(t) for t in prompt]
-        elif not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"Prompt {i} is empty: give each prompt some text.")
+        elif not isinstance(prompt, str):
+            raise BadType(f"Prompt {i} is a {type(prompt).__name__}, not a string: give each prompt as text.")
+        elif not prompt.strip():
+            raise BadInput(f"Prompt {i} is empty: give each prompt some text.")
         else:
             ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if len(ids) == 0:
-            raise ValueError(f"Prompt {i} tokenises to no tokens: give it some text.")
+            raise BadInput(f"Prompt {i} tokenises to no tokens: give it some text.")
         if limit is not None and len(ids) + reserve > limit:
-            raise ValueError(
+            raise BadInput(
                 f"Prompt {i} has {len(ids)} tokens (+{reserve} to generate) but the model's context is "
                 f"{limit} tokens: shorten the prompt (fewer few-shot examples) or use a longer-context model."
             )
@@ -79,8 +83,10 @@ class StopTracker:
     """
 
     def __init__(self, tokenizer, batch_size: int, stop: Iterable[str] = (), eos_ids: Iterable[int] = ()):
+        from earlyexit.core.checks import check_strings
+
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in check_strings(stop, "stop") if s]  # a lone string is refused, not its characters
         self.eos = set(int(e) for e in eos_ids)
         self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
         self.done = [False] * batch_size

@@ -23,12 +23,18 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from earlyexit.core.checks import check_int
+from earlyexit.core.errors import BadInput
 from earlyexit.core.lenses import LensLike, check_entries, get_unembed, resolve_lens
+
+if TYPE_CHECKING:
+    from earlyexit.core.lenses import Model, Tokenizer
+
 from earlyexit.core.prefix import prefill
 from earlyexit.core.stats import STEP_CHUNK_BYTES, Workspace, chunk_rows, layer_stats
 
@@ -92,7 +98,7 @@ class Observer(Protocol):
 
 DECODERS: dict[str, Callable[..., Scorer]] = {}
 # modules that register further methods when imported
-METHOD_MODULES = ("earlyexit.methods.dola", "earlyexit.methods.sled")
+METHOD_MODULES = ("earlyexit.methods.dola", "earlyexit.methods.sled", "earlyexit.methods.early_exit")
 
 
 def register(name: str):
@@ -112,8 +118,8 @@ def decoding_names() -> tuple[str, ...]:
 def check_decoding(decoding: str) -> str:
     """``decoding`` if it is a registered method, else a ``ValueError`` naming the methods."""
     names = decoding_names()
-    if decoding not in DECODERS:
-        raise ValueError(f"Unknown decoding mode {decoding!r}: use one of {names}.")
+    if not isinstance(decoding, str) or decoding not in DECODERS:
+        raise BadInput(f"Unknown decoding mode {decoding!r}: use one of {names}.")
     return decoding
 
 
@@ -133,7 +139,7 @@ def make_scorer(model, decoding: str, **settings: Any) -> Scorer:
 def check_penalty(repetition_penalty: float) -> float:
     if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
             or not math.isfinite(repetition_penalty) or not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
+        raise BadInput(f"repetition_penalty must be a finite number > 0 (1.0 = off), got {repetition_penalty!r}")
     return float(repetition_penalty)
 
 
@@ -178,8 +184,9 @@ def pick_tokens(scores: Tensor, do_sample: bool = False, temperature: float = 1.
 
 
 def check_sampling(do_sample: bool, temperature: float) -> None:
-    if do_sample and not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
+    if do_sample and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                      or not (math.isfinite(temperature) and temperature > 0)):
+        raise BadInput(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
 
 
 # --- the state of one batch -----------------------------------------------------------------------
@@ -207,11 +214,14 @@ class DecodeState:
         self.state = prefill(model, token_lists, pad_id, share_prefix=share_prefix,
                              output_hidden_states=bool(self.entries), reserve=reserve)
         self.rows = list(range(len(token_lists)))
-        self.seen = seen_ids(token_lists, self.state.logits.device)
+        # a sharded model's layers return their hidden states on their own devices: every state a step
+        # keeps goes to the head's device once here (and once per step in advance), never per lens call
+        self.device = self.unembed.device
+        self.seen = seen_ids(token_lists, self.device)
         self._no_padding = bool(self.state.attention_mask.all())
         hs = self.state.hidden_last
-        self._hidden = {e: hs[e] for e in self.entries} if hs is not None else {}
-        self._logits: Tensor | None = self.state.logits
+        self._hidden = {e: hs[e].to(self.device) for e in self.entries} if hs is not None else {}
+        self._logits: Tensor | None = self.state.logits.to(self.device)
         self.state.hidden_last = None
         self.index = 0
 
@@ -234,15 +244,16 @@ class DecodeState:
     def advance(self, tokens: Tensor) -> None:
         """Feed ``tokens`` ``[b]`` (one per running row); the next :meth:`step` is for the position after them."""
         self.seen = torch.cat([self.seen, tokens[:, None].to(self.seen.device)], dim=1)
-        inputs = self.state.step_inputs(tokens)
+        inputs = self.state.step_inputs(tokens.to(self.state.attention_mask.device))
         if self._no_padding:
             inputs["attention_mask"] = None  # as transformers does: the plain causal path, no mask built
         out = self.model.base_model(**inputs, output_hidden_states=bool(self.entries))
+        dev = self.device
         if self.entries:
             hs = out.hidden_states
-            self._hidden = {e: hs[e][:, -1] for e in self.entries}
+            self._hidden = {e: hs[e][:, -1].to(dev) for e in self.entries}
         else:
-            self._hidden = {self.unembed.n_layers: out.last_hidden_state[:, -1]}
+            self._hidden = {self.unembed.n_layers: out.last_hidden_state[:, -1].to(dev)}
         self._logits = None  # from entry L when asked
         self.state.cache = out.past_key_values
         self.index += 1
@@ -253,10 +264,12 @@ class DecodeState:
 @dataclass
 class Decoded:
     """One row's new tokens (``token_ids``, before any stop rule cuts them) and, per token, what the
-    scorer reported (``info[name]``: one value per token)."""
+    scorer reported (``info[name]``: one value per token); ``stats``: per-row counts of a method with its
+    own loop (e.g. drafts proposed and accepted)."""
 
     token_ids: list[int] = field(default_factory=list)
     info: dict[str, list] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class StopRule(Protocol):
@@ -275,7 +288,7 @@ class _Length:
 
 @torch.no_grad()
 def decode(
-    model,
+    model: Model,
     token_lists: Sequence[Sequence[int]],
     scorer: Scorer,
     *,
@@ -291,8 +304,11 @@ def decode(
     the batch. ``pick(scores, step)`` chooses the tokens (default greedy argmax). A finished row's last
     token is the one that finished it (EOS or the end of a stop string) and is in ``token_ids``.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    own_loop = getattr(scorer, "decode", None)
+    if own_loop is not None:  # a method with its own loop (layers run one by one, several tokens per pass)
+        return own_loop(model, token_lists, max_new_tokens=max_new_tokens, pad_id=pad_id, observers=observers,
+                        stop=stop, pick=pick, share_prefix=share_prefix)
     B = len(token_lists)
     L = get_unembed(model).n_layers
     entries = set(scorer.entries)

@@ -6,16 +6,21 @@ For generated token t, the statistics describe the distributions at the position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from earlyexit.core.batching import StopTracker, chunks, encode_prompts, pad_id
+from earlyexit.core.checks import check_int
 from earlyexit.core.decoding import LensObserver, decode, make_scorer
 from earlyexit.core.lens import check_layers
 from earlyexit.core.lenses import LensLike, resolve_lens
+
+if TYPE_CHECKING:
+    from earlyexit.core.lenses import Model, Tokenizer
+
 from earlyexit.core.stats import Workspace
 
 
@@ -56,8 +61,8 @@ def eos_ids(tokenizer, model=None) -> list[int]:
 
 @torch.no_grad()
 def generate_with_lens(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 32,
@@ -78,11 +83,12 @@ def generate_with_lens(
     only the ``[layers, k]`` statistics are kept per token. A prefix shared by the prompts of a batch
     (a few-shot primer) is computed once (``share_prefix``).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     token_lists = encode_prompts(tokenizer, prompts, model, reserve=max_new_tokens)
     lens = resolve_lens(model, lens)
     entries = check_layers(model, layers)
+    check_int(top_k, "top_k", minimum=1, maximum=lens.vocab_size)
     workspace = Workspace()  # freed when this call returns
     greedy = make_scorer(model, "vanilla")
     results: list[LensGeneration] = []

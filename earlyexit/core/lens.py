@@ -16,18 +16,23 @@ residual stream after decoder layer k, entry L the model's own (normed) output.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from earlyexit.core.batching import chunks, encode_prompts, pad_id
+from earlyexit.core.checks import check_int
 from earlyexit.core.prefix import prefill
 from earlyexit.core.stats import CHUNK_BYTES, layer_stats
 from earlyexit.core.lenses import LensLike, check_entries, get_unembed, resolve_lens
 
-Positions = Union[str, Sequence[int], Sequence[Sequence[int]]]
+if TYPE_CHECKING:
+    from earlyexit.core.lenses import Model, Tokenizer
+
+
+Positions = Union[Literal["last", "all"], Sequence[int], Sequence[Sequence[int]]]
 
 
 def n_layers(model) -> int:
@@ -123,8 +128,8 @@ def _resolve_targets(targets, per_pos: list[list[int]]) -> list[list[list[int]]]
 
 @torch.no_grad()
 def lens_stats(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: Sequence[str],
     *,
     positions: Positions = "last",
@@ -150,12 +155,14 @@ def lens_stats(
     """
     lens = resolve_lens(model, lens)
     entries = check_layers(model, layers)
+    check_int(top_k, "top_k", minimum=1, maximum=lens.vocab_size)
+    check_int(batch_size, "batch_size", minimum=1)
     token_lists = encode_prompts(tokenizer, prompts, model)
     lengths = [len(t) for t in token_lists]
     per_pos = _resolve_positions(positions, lengths)
     per_tgt = _resolve_targets(targets, per_pos)
     unembed = get_unembed(model)
-    dev = next(model.parameters()).device
+    dev = unembed.device  # a sharded model: the head's device, where every statistic is computed
     B, E, P = len(prompts), len(entries), max(len(p) for p in per_pos)
     n_t = max(len(x) for t in per_tgt for x in t) if per_tgt else 0
 
@@ -193,8 +200,9 @@ def lens_stats(
                 source.append(len(rows))
                 rows.append((j, p))
                 owners.append((i, k))
-        hidden = torch.stack([torch.stack([state.hidden_at(e, j, p) for j, p in rows]) for e in entries])  # [E, N, d]
-        final = torch.stack([state.hidden_at(L, j, p) for j, p in rows]) if kl else None
+        # [E, N, d] on the head's device: each entry's rows moved once (a sharded model's layers sit elsewhere)
+        hidden = torch.stack([torch.stack([state.hidden_at(e, j, p) for j, p in rows]).to(dev) for e in entries])
+        final = torch.stack([state.hidden_at(L, j, p) for j, p in rows]).to(dev) if kl else None
         tgt = None
         if per_tgt:
             tgt = torch.tensor(

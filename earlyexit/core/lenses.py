@@ -21,10 +21,13 @@ False
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import TYPE_CHECKING, Literal, Sequence, Union
 
-import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the types callers pass: any transformers causal LM and its tokenizer
+    from transformers import PreTrainedModel as Model
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from earlyexit.core.unembed import Unembed
 
@@ -81,13 +84,18 @@ class Lens(nn.Module):
         if norm_idx:
             if not moved:
                 hidden = hidden.clone()
-            hidden[norm_idx] = self.unembed.final_norm(hidden[norm_idx])
+            # .to: a final norm that sits on another device than the head returns there
+            hidden[norm_idx] = self.unembed.final_norm(hidden[norm_idx]).to(hidden.device, hidden.dtype)
         return hidden
 
     def logits(self, hidden: Tensor, entries: Sequence[int], out: Tensor | None = None,
                transposed: bool = False) -> Tensor:
         """hidden ``[E, n, d]`` → float32 logits ``[E, n, V]``, all entries through the head in one
-        product, written into ``out`` when given (see :meth:`Unembed.forward`)."""
+        product, written into ``out`` when given (see :meth:`Unembed.forward`). ``hidden`` goes to the head's
+        device first, once for all entries (a sharded model's layers sit on other devices)."""
+        dev = self.unembed.device
+        if hidden.device != dev:
+            hidden = hidden.to(dev)
         return self.unembed(self.head_inputs(hidden, list(entries)), normed=False, out=out, transposed=transposed)
 
     def forward(self, h: Tensor, idx: int) -> Tensor:
@@ -140,7 +148,9 @@ def resolve_lens(model, lens: LensLike = "normed") -> Lens:
                              "(e.g. resolve_lens(model, name)).")
         return lens
     if not isinstance(lens, str) or lens not in LENS_NAMES:
-        raise ValueError(f"Unknown lens {lens!r}; use one of {LENS_NAMES} or a Lens object.")
+        from earlyexit.core.errors import BadInput
+
+        raise BadInput(f"Unknown lens {lens!r}; use one of {LENS_NAMES} or a Lens object.")
     if lens == "tuned":
         from earlyexit.core.tuned_lens import tuned_lens_for  # trains on first use, then cached
 
@@ -164,25 +174,26 @@ def check_entries(n_layers: int, entries: Sequence[int] | None, *, final: bool =
     >>> check_entries(4, [4], final=False)
     Traceback (most recent call last):
     ...
-    ValueError: Layer 4 is the mature (final) layer: pick entries in 0..3.
+    earlyexit.core.errors.BadInput: Layer 4 is the mature (final) layer: pick entries in 0..3.
     """
+    from earlyexit.core.errors import BadInput, BadType, OutOfRange
+
     top = n_layers if final else n_layers - 1
     if entries is None:
         return list(range(top + 1))
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise TypeError(f"{what} entries must be a list of integers, got {entries!r}")
+    if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+        raise BadType(f"{what} entries must be a list of integers, got {entries!r}")
     out = []
     for x in entries:
-        if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)) and not (
-                hasattr(x, "__index__") and not isinstance(x, float)):
-            raise TypeError(f"{what} entries must be integers, got {x!r}")
+        if isinstance(x, (bool, float)) or not hasattr(x, "__index__"):  # ints, numpy / torch integers
+            raise BadType(f"{what} entries must be integers (a float such as 1.5 is not rounded), got {x!r}")
         out.append(int(x))
     if not out:
-        raise ValueError(f"{what} list is empty: pass None for all layers or a list of entries in 0..{top}.")
+        raise BadInput(f"{what} list is empty: pass None for all layers or a list of entries in 0..{top}.")
     for x in out:
         if not final and x == n_layers:
-            raise ValueError(f"{what} {x} is the mature (final) layer: pick entries in 0..{top}.")
+            raise BadInput(f"{what} {x} is the mature (final) layer: pick entries in 0..{top}.")
         if not 0 <= x <= top:
-            raise IndexError(f"{what} {x} out of range: this model has {n_layers} decoder layers, so entries are "
+            raise OutOfRange(f"{what} {x} out of range: this model has {n_layers} decoder layers, so entries are "
                              f"0..{top} (0 = embeddings{', L = the model output' if final else ''}).")
     return out

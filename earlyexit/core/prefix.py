@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from earlyexit.core.kvcache import use_growing_layers
+from earlyexit.core.parallel import input_device
 
 _PREFIX_CACHE: dict[tuple, object] = {}
 
@@ -71,7 +72,7 @@ class Prefilled:
         sequences that have finished cost nothing in later steps. The kept rows' results do not change:
         each row only ever attends to itself."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
-        self.cache.batch_select_indices(idx)
+        self.cache.batch_select_indices(idx.cpu())  # CPU indices: a sharded model's cache sits on several devices
         self.attention_mask = self.attention_mask[idx]
         self.next_position = self.next_position[idx]
         self.logits = self.logits[idx]
@@ -111,7 +112,7 @@ def extend_prefix(model, ids: Sequence[int], prefix: Sequence[int]):
     """A fresh KV cache of ``ids`` (batch 1): when ``ids`` starts with ``prefix`` (a few-shot primer), the
     prefix's cache — computed once and kept, as for :func:`prefill` — is copied and only the rest runs;
     otherwise all of ``ids`` runs. ``None`` for no ids."""
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     ids, prefix = list(ids), list(prefix)
     n = len(prefix)
     if n and len(ids) >= n and ids[:n] == prefix:
@@ -156,7 +157,7 @@ def prefill(
     prefix is shared only while the whole sequence fits the window (a cropped window cache and a
     padding gap in the middle of the sequence do not mix).
     """
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     B = len(token_lists)
     p = shared_prefix_len(token_lists) if share_prefix else 0
     if p < min_prefix:

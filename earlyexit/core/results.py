@@ -29,13 +29,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
 
 from earlyexit.core.atomic import _default, atomic_path
+from earlyexit.core.errors import ResultsError  # noqa: F401  (a ValueError; importable from here as before)
 
 SCHEMA = 1
 RESERVED = ("kind", "schema", "meta")
-
-
-class ResultsError(ValueError):
-    """A results file that cannot be read or written as asked (the message names the file)."""
 
 
 def model_tag(model: Any) -> str:
@@ -68,6 +65,44 @@ def _read(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResultsError(f"Results file {path} is not valid JSON ({err}); delete it or recompute it.") from None
+    except OSError as err:
+        raise ResultsError(f"Results file {path} cannot be read ({err.strerror or err}).") from None
+
+
+def check_overwrite(path: str | os.PathLike, kind: str | None) -> None:
+    """Raise :class:`ResultsError` when saving results of ``kind`` to ``path`` would destroy something else:
+    another kind of results, or a file that is not a JSON results object. ``kind=None`` (a file that is not
+    results: a page, a figure) refuses only an existing results file. Nothing is written."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if kind is None:
+        try:
+            with path.open("rb") as f:
+                if f.read(1) not in (b"{",):
+                    return
+        except OSError:
+            return
+        try:
+            old = _read(path)
+        except ResultsError:
+            return
+        if isinstance(old, dict) and old.get("kind") in KINDS:
+            raise ResultsError(f"Refusing to overwrite {path}: it holds {old['kind']!r} results. Give another "
+                               "file name.")
+        return
+    try:
+        old = _read(path)
+    except ResultsError:
+        raise ResultsError(f"Refusing to overwrite {path}: it is not a JSON results file.") from None
+    if not isinstance(old, dict):
+        raise ResultsError(f"Refusing to overwrite {path}: it is not a JSON results object.")
+    if old.get("kind") not in (None, kind):
+        raise ResultsError(f"Refusing to overwrite {path}: it holds {old['kind']!r} results, not {kind!r}. "
+                           "Give another file name.")
+    if old.get("kind") is None and "meta" not in old:  # results written before the schema all have meta
+        raise ResultsError(f"Refusing to overwrite {path}: it is a JSON file but not a results file (no 'kind', "
+                           "no 'meta'). Give another file name.")
 
 
 class ResultFile(Mapping[str, Any]):
@@ -98,11 +133,12 @@ class ResultFile(Mapping[str, Any]):
     # --- construction ------------------------------------------------------------------------------
     @classmethod
     def create(cls, model: Any = None, n: int | None = None, *, payload: Mapping[str, Any] | None = None,
-               settings: Mapping[str, Any] | None = None, kind: str | None = None) -> "ResultFile":
-        """A new result with ``meta = run_metadata(model, n, **settings)``."""
+               settings: Mapping[str, Any] | None = None, kind: str | None = None, data: Any = None) -> "ResultFile":
+        """A new result with ``meta = run_metadata(model, n, data=data, **settings)`` (``data``: the loaded
+        items, whose files' row counts and sha256 are recorded)."""
         from earlyexit.core.meta import run_metadata
 
-        return cls(kind, meta=run_metadata(model, n, **dict(settings or {})), payload=payload)
+        return cls(kind, meta=run_metadata(model, n, data=data, **dict(settings or {})), payload=payload)
 
     @classmethod
     def from_dict(cls, doc: Any, *, kind: str | None = None, source: str | os.PathLike | None = None) -> "ResultFile":
@@ -168,18 +204,18 @@ class ResultFile(Mapping[str, Any]):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically. Refuses (nothing written) when ``path`` holds another kind of results, or
-        something that is not a JSON object; overwrites the same kind and pre-schema files."""
+        something that is not a JSON object; overwrites the same kind and pre-schema files.
+
+        In an ``accelerate launch`` group only the main process writes (the others hold the same gathered
+        results and return the path): one writer, one atomic rename."""
+        from earlyexit.core.parallel import is_main_process
+
         path = Path(path)
-        if path.exists():
-            try:
-                old = _read(path)
-            except ResultsError:
-                raise ResultsError(f"Refusing to overwrite {path}: it is not a JSON results file.") from None
-            if not isinstance(old, dict):
-                raise ResultsError(f"Refusing to overwrite {path}: it is not a JSON results object.")
-            if old.get("kind") not in (None, self.kind):
-                raise ResultsError(f"Refusing to overwrite {path}: it holds {old['kind']!r} results, "
-                                   f"not {self.kind!r}.")
+        if not is_main_process():
+            return path
+        if path.is_dir():
+            raise ResultsError(f"Cannot save {self.kind} results to {path}: it is a folder; give a file name.")
+        check_overwrite(path, self.kind)
         text = self.to_json()
         with atomic_path(path, suffix=".json") as tmp:
             tmp.write_text(text, encoding="utf-8")
@@ -284,13 +320,20 @@ class ScoresResults(ResultFile):
     KIND, FILENAME = "truthfulqa-scores", "dola_scores_{tag}.json"
 
 
+class ExitResults(ResultFile):
+    """``early_exit.ipynb``: settling entries, oracle saving, exit policies (per lens under ``lenses``) and
+    the early-exit decoder against greedy (``decoders``)."""
+    KIND, FILENAME = "early-exit", "early_exit_{tag}.json"
+
+
 class LensTable(ResultFile):
     """``earlyexit lens --json``: per-layer top tokens and entropy of one prompt."""
     KIND = "lens"
 
 
 KINDS: dict[str, type[ResultFile]] = {c.KIND: c for c in (VisResults, EntropyResults, ProbesResults, MCResults,
-                                                          GenerateResults, ScoresResults, LensTable)}
+                                                          GenerateResults, ScoresResults, LensTable,
+                                                          ExitResults)}
 
 
 def load_result(path: str | os.PathLike, kind: str | None = None) -> ResultFile:

@@ -82,11 +82,36 @@ def model_fingerprint(model) -> str:
     h.update(model_name(model).encode())
     h.update(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
+        offloaded = _offloaded_heads(model)
         for name, p in model.named_parameters():
             h.update(name.encode())
             h.update(str(tuple(p.shape)).encode())
-            h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+            if name in offloaded:
+                h.update(offloaded[name])
+            elif p.device.type != "meta":
+                h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _offloaded_heads(model) -> dict[str, bytes]:
+    """The first values of every parameter that accelerate offloaded (weights on ``meta`` between calls),
+    read by onloading one hooked module at a time, so that a dispatched model has the fingerprint of the
+    same weights loaded whole."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return {}
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    out: dict[str, bytes] = {}
+    for mname, module in model.named_modules():
+        if not has_offloaded_params(module):
+            continue
+        recurse = bool(getattr(module._hf_hook, "place_submodules", False))
+        with align_module_device(module):
+            for pname, p in module.named_parameters(recurse=recurse):
+                if p.device.type != "meta":
+                    out[f"{mname}.{pname}" if mname else pname] = \
+                        p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
+    return out
 
 
 def _ignore(path: Path, why: str, warn: bool) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from earlyexit.core.errors import BadInput
 from earlyexit.core.lenses import check_entries
 
 PREMATURE_FLOOR = -1e3  # premature log-probs of filtered tokens (they end at -inf anyway)
@@ -47,17 +48,17 @@ def candidate_layers(n_layers: int, tied_embeddings: bool, dola_layers: str | Se
     if isinstance(dola_layers, str):
         buckets = dola_buckets(n_layers, tied_embeddings)
         if dola_layers not in buckets:
-            raise ValueError(f"Unknown DoLa bucket {dola_layers!r}: use 'high', 'low' or a list of layer entries.")
+            raise BadInput(f"Unknown DoLa bucket {dola_layers!r}: use 'high', 'low' or a list of layer entries.")
         if not buckets[dola_layers]:
-            raise ValueError(f"The DoLa bucket {dola_layers!r} is empty for {n_layers} layers: give the premature "
+            raise BadInput(f"The DoLa bucket {dola_layers!r} is empty for {n_layers} layers: give the premature "
                              "layer entries explicitly.")
         return buckets[dola_layers]
     return check_entries(n_layers, dola_layers, final=False, what="Premature layer")
 
 
 def check_relative_top(relative_top: float) -> None:
-    if not 0 < relative_top <= 1:
-        raise ValueError(f"relative_top must be in (0, 1], got {relative_top}")
+    if isinstance(relative_top, bool) or not isinstance(relative_top, (int, float)) or not 0 < relative_top <= 1:
+        raise BadInput(f"relative_top must be a number in (0, 1], got {relative_top!r}")
 
 
 def js_distance(final_logits: Tensor, premature_logits: Tensor) -> Tensor:

@@ -29,18 +29,24 @@ Decoding modes: ``"vanilla"`` (greedy / sampling from the final logits, repetiti
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from earlyexit.core.batching import StopTracker, chunks, encode_prompts, pad_id
+from earlyexit.core.checks import check_int, check_strings
+from earlyexit.core.errors import BadInput, BadType
 from earlyexit.core.decoding import (Step, check_decoding, check_penalty, check_sampling, decode, make_scorer,
                                      pick_tokens, register)
 from earlyexit.core.generation import eos_ids
 from earlyexit.core.lenses import Lens, LensLike, get_unembed, resolve_lens
+
+if TYPE_CHECKING:
+    from earlyexit.core.lenses import Model, Tokenizer
+
 from earlyexit.methods.contrast import candidate_layers, check_relative_top, dola_scores
 
 RECOMMENDED_PENALTY = 1.2
@@ -52,13 +58,17 @@ class DolaOutput:
 
     text: the completion with the stop string stripped; token_ids: its new tokens (stop string and
     EOS excluded); premature_layers: for each of those tokens the hidden-state entry used as the
-    premature layer (``None`` for vanilla decoding).
+    premature layer (``None`` for vanilla decoding); info: any other per-token record of the method, one
+    value per token (e.g. ``exit_entry`` of ``early-exit``, ``drafted`` of the speculative methods);
+    stats: the method's per-item counts (e.g. drafts proposed and accepted), ``{}`` for most methods.
     """
 
     prompt: str
     text: str
     token_ids: list[int]
     premature_layers: list[int | None]
+    info: dict[str, list] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Dola:
@@ -75,7 +85,7 @@ class Dola:
         self.candidates = tuple(candidates)
         self.relative_top = float(relative_top)
         self.entries = (*self.candidates, self.L)
-        dev = get_unembed(model).head.weight.device
+        dev = get_unembed(model).device  # where the scores are (a dispatched model's head device)
         self._entries_t = torch.tensor(self.candidates, dtype=torch.long, device=dev)
         if self.repetition_penalty < RECOMMENDED_PENALTY:
             warnings.warn(
@@ -111,9 +121,9 @@ def _dola(model, *, dola_layers: str | Sequence[int] = "high", relative_top: flo
 def _dola_static(model, *, premature_layer: int | None = None, relative_top: float = 0.1,
                  repetition_penalty: float = RECOMMENDED_PENALTY, premature_lens: LensLike = "raw") -> Dola:
     if premature_layer is None:
-        raise ValueError("decoding='dola-static' needs premature_layer=K (a hidden-state entry in 0..L-1).")
+        raise BadInput("decoding='dola-static' needs premature_layer=K (a hidden-state entry in 0..L-1).")
     if isinstance(premature_layer, (bool, float, str)) or not hasattr(premature_layer, "__index__"):
-        raise ValueError(f"premature_layer must be one integer entry, got {premature_layer!r}")
+        raise BadType(f"premature_layer must be one integer entry, got {premature_layer!r}")
     u = get_unembed(model)
     return Dola(model, decoding="dola-static",
                 candidates=candidate_layers(u.n_layers, u.arch.tied_embeddings, [int(premature_layer)]),
@@ -158,8 +168,8 @@ def resolve_settings(
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     prompts: Sequence[str],
     *,
     decoding: str = "dola",
@@ -189,18 +199,20 @@ def generate(
     scorer = resolve_settings(model, decoding=decoding, dola_layers=dola_layers, premature_layer=premature_layer,
                               relative_top=relative_top, repetition_penalty=repetition_penalty,
                               premature_lens=premature_lens, method_settings=method_settings)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    stop = check_strings(stop, "stop")
     check_sampling(do_sample, temperature)
     token_lists = encode_prompts(tokenizer, prompts, model, reserve=max_new_tokens)
     pad = pad_id(tokenizer)
     eos = [] if ignore_eos else eos_ids(tokenizer, model)
     pick = None
     if do_sample:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        generator = torch.Generator(device=get_unembed(model).device).manual_seed(seed)  # where the scores are
         pick = lambda scores, step: pick_tokens(scores, True, temperature, generator)  # noqa: E731
     results: list[DolaOutput] = []
     bar = tqdm(total=len(prompts), desc=f"generate ({decoding})", disable=not progress)
+    batch_size = min(batch_size, getattr(scorer, "max_batch_size", None) or batch_size)  # batch-1 methods
     for start, group in chunks(token_lists, batch_size):
         tracker = StopTracker(tokenizer, len(group), stop, eos)
         decoded = decode(model, group, scorer, max_new_tokens=max_new_tokens, pad_id=pad, stop=tracker, pick=pick,
@@ -208,8 +220,10 @@ def generate(
         for j, d in enumerate(decoded):
             text, toks = tracker.result(j)
             layers = d.info.get("premature_layer", [None] * len(d.token_ids))
+            info = {k: list(v[:len(toks)]) for k, v in d.info.items() if k != "premature_layer"}
             results.append(DolaOutput(prompt=prompts[start + j], text=text, token_ids=toks,
-                                      premature_layers=list(layers[:len(toks)])))
+                                      premature_layers=list(layers[:len(toks)]), info=info,
+                                      stats=dict(getattr(d, "stats", {}) or {})))
         bar.update(len(group))
     bar.close()
     return results
@@ -310,7 +324,7 @@ def custom_generate(
 
     def pick(scores: Tensor, step: Step) -> Tensor:
         rows = torch.as_tensor(step.rows, device=stop.sequences.device)
-        scores = processors(stop.sequences[rows], scores)
+        scores = processors(stop.sequences[rows].to(scores.device), scores)  # a sharded model: the head's device
         if keep_scores:
             full = scores.new_full((input_ids.shape[0], scores.shape[1]), float("-inf"))
             full[rows.to(scores.device)] = scores

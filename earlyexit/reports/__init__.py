@@ -60,6 +60,23 @@ def _relative_warnings() -> None:
 _relative_warnings()
 
 
+def _vector_figures() -> None:
+    """In a notebook kernel, show figures inline as SVG: a PNG's base64 text can read as a path to the checks
+    that keep machine paths out of committed notebooks; SVG text cannot (the PNG and PDF files are saved apart)."""
+    import sys
+
+    if "ipykernel" not in sys.modules:
+        return
+    try:
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # pragma: no cover - matplotlib-inline comes with ipykernel
+        return
+    set_matplotlib_formats("svg")
+
+
+_vector_figures()
+
+
 def display_path(path: str | os.PathLike) -> str:
     """``path`` as printed in a notebook: relative to the working folder when it lies below it, so that no
     executed notebook carries a machine's absolute path."""
@@ -84,6 +101,10 @@ def load_or_compute(paths: Mapping[str, Path], load: Callable[[], Any], compute:
         print(f"{what}: loaded {', '.join(display_path(p) for p in paths.values())} (recompute=False: no model "
               "loaded, nothing recomputed)", flush=True)
         return out
+    from earlyexit.core.checks import check_output_file
+
+    for p in paths.values():  # a folder where a file goes, a path under a file: said before any work
+        check_output_file(p, what=f"{what} results file", results=False)
     why = "recompute=True" if recompute else f"{display_path(missing[0])} not found"
     print(f"{what}: computing ({why})", flush=True)
     out = compute()

@@ -52,7 +52,11 @@ def save(study, results_dir="results", parameters: dict[str, Any] | None = None)
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    cs = write_text(EntropyResults.csv_path(results_dir, study.model), buf.getvalue())
+    cs = EntropyResults.csv_path(results_dir, study.model)
+    from earlyexit.core.parallel import is_main_process
+
+    if is_main_process():  # one writer in an accelerate launch group (the JSON's save checks the same)
+        write_text(cs, buf.getvalue())
     return js, cs
 
 

@@ -60,7 +60,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
                          lens_feature="seeded Gaussian random projection of the normed-lens log-probabilities",
                          cache=cache_stats)
     payload = {"parameters": parameters, "taps": reports[conditions[0]]["taps"], "conditions": reports}
-    return ProbesResults.create(lm, len(statements), payload=payload, settings=meta_settings)
+    return ProbesResults.create(lm, len(statements), payload=payload, settings=meta_settings, data=statements)
 
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",

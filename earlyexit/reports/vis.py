@@ -53,7 +53,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     }
     settings = dict(lens=lens, layers=layers, prompt='one-shot, ends with "Answer:"',
                     matching="normalised exact match, first line")
-    return VisResults.create(llm, len(readings), payload=payload, settings=settings)
+    return VisResults.create(llm, len(readings), payload=payload, settings=settings, data=pool)
 
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",

@@ -13,6 +13,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+from earlyexit.core.errors import BadInput, BadType, DataError, DataNotFound
+from earlyexit.core.meta import file_fingerprint
 
 TRUE_FALSE_TOPICS = ("animals", "cities", "companies", "elements", "facts", "inventions", "generated")
 
@@ -26,8 +30,72 @@ SOURCES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    pass
+class DataNotFoundError(DataNotFound):
+    """A data file that is missing (the message says where to get it and where to put it)."""
+
+
+class DataRows(list):
+    """What a loader returns: a list of items that also knows the files they came from (``data_files``:
+    name, row count and sha256 of each, recorded in the results' metadata by
+    :func:`~earlyexit.core.meta.run_metadata`)."""
+
+    data_files: list[dict]
+
+    def __init__(self, items=(), data_files=()):
+        super().__init__(items)
+        self.data_files = [dict(f) for f in data_files]
+
+
+def _read_csv(path: Path, rel: str, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV data file as dicts, checked: readable UTF-8, the ``columns`` in its header, every row
+    with as many fields as the header, no quoted field left open (a file cut short). Errors name the file
+    and the row (1 = the first row after the header; the line number in brackets)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, strict=True)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise DataError(f"Data file {path} is empty: it needs a header line with {', '.join(columns)}. "
+                                f"Get it again ({_source_of(rel)}).") from None
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise DataError(f"Data file {path} lacks the column(s) {', '.join(map(repr, missing))} (its header "
+                                f"is {', '.join(map(repr, header))}): it is not the expected file; get it again "
+                                f"({_source_of(rel)}).")
+            rows = []
+            row_no = 0
+            for row_no, fields in enumerate(reader, 1):
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(f"Data file {path}, row {row_no} (line {reader.line_num}): {len(fields)} fields "
+                                    f"where the header has {len(header)}: the file is damaged or cut short; get it "
+                                    f"again ({_source_of(rel)}).")
+                rows.append(dict(zip(header, fields)))
+    except csv.Error as err:
+        raise DataError(f"Data file {path}, row {row_no + 1} (line {reader.line_num}): {err} (a quoted field never "
+                        f"closed: the file is cut short or damaged); get it again ({_source_of(rel)}).") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"Data file {path} is not UTF-8 text ({err.reason} at byte {err.start}): get it again "
+                        f"({_source_of(rel)}).") from None
+    except IsADirectoryError:
+        raise DataError(f"Data file {path} is a folder, not a file.") from None
+    if not rows:
+        raise DataError(f"Data file {path} has a header but no rows: get it again ({_source_of(rel)}).")
+    return rows
+
+
+def _source_of(rel: str) -> str:
+    key = rel if rel in SOURCES else rel.split("/")[0]
+    return SOURCES.get(key, "its source")
+
+
+def _required(path: Path, rows: list[dict[str, str]], columns: Sequence[str]) -> None:
+    for i, r in enumerate(rows, 1):
+        for c in columns:
+            if not (r.get(c) or "").strip():
+                raise DataError(f"Data file {path}, row {i}: the {c!r} field is empty; fix or restore the file.")
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
@@ -47,10 +115,12 @@ def _missing(rel: str, directory: Path, source_key: str) -> DataNotFoundError:
 def _check_limit(limit: int | None, n: int, what: str) -> int:
     if limit is None:
         return n
-    if not isinstance(limit, int) or limit <= 0:
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise BadType(f"limit must be a positive integer, got {limit!r}")
+    if limit <= 0:
+        raise BadInput(f"limit must be a positive integer, got {limit!r}")
     if limit > n:
-        raise ValueError(f"limit {limit} is larger than the {n} {what} available")
+        raise BadInput(f"limit {limit} is larger than the {n} {what} available")
     return limit
 
 
@@ -86,20 +156,24 @@ def _split_answers(text: str) -> list[str]:
 def load_truthfulqa(data_dir_: str | os.PathLike | None = None, limit: int | None = None) -> list[TruthfulQAItem]:
     """The 817 TruthfulQA questions from ``truthfulqa/TruthfulQA.csv`` (else the Hub's copy)."""
     directory = data_dir(data_dir_)
-    path = directory / "truthfulqa" / "TruthfulQA.csv"
+    rel = "truthfulqa/TruthfulQA.csv"
+    path = directory / rel
     if path.exists():
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
+        columns = ("Question", "Best Answer", "Correct Answers", "Incorrect Answers")
+        rows = _read_csv(path, rel, columns)
+        _required(path, rows, columns)
         items = [
             TruthfulQAItem(i, r["Question"], r["Best Answer"], _split_answers(r["Correct Answers"]),
                            _split_answers(r["Incorrect Answers"]), r.get("Category", ""), r.get("Type", ""))
             for i, r in enumerate(rows)
         ]
+        files = [file_fingerprint(path, len(rows), rel)]
     else:
         items = _truthfulqa_from_hub()
         if items is None:
-            raise _missing("truthfulqa/TruthfulQA.csv", directory, "truthfulqa/TruthfulQA.csv")
-    return items[: _check_limit(limit, len(items), "TruthfulQA questions")]
+            raise _missing(rel, directory, rel)
+        files = [{"file": "hub:truthfulqa/truthful_qa (generation, validation)", "rows": len(items), "sha256": None}]
+    return DataRows(items[: _check_limit(limit, len(items), "TruthfulQA questions")], files)
 
 
 def _truthfulqa_from_hub() -> list[TruthfulQAItem] | None:
@@ -134,18 +208,24 @@ def load_true_false(topics=TRUE_FALSE_TOPICS[:6], data_dir_: str | os.PathLike |
     if isinstance(topics, str):
         topics = [topics]
     out: list[Statement] = []
+    files = []
     for topic in topics:
         if topic not in TRUE_FALSE_TOPICS:
-            raise ValueError(f"Unknown topic {topic!r}; topics are {TRUE_FALSE_TOPICS}")
+            raise BadInput(f"Unknown topic {topic!r}; topics are {TRUE_FALSE_TOPICS}")
         rel = f"true-false/{topic}_true_false.csv"
         path = directory / rel
         if not path.exists():
             raise _missing(rel, directory, "true-false")
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_csv(path, rel, ("statement", "label"))
+        _required(path, rows, ("statement", "label"))
+        for i, r in enumerate(rows, 1):
+            if r["label"].strip() not in ("0", "1"):
+                raise DataError(f"Data file {path}, row {i}: label {r['label']!r} is not 0 or 1 (1 = true); fix or "
+                                "restore the file.")
         n = _check_limit(limit_per_topic, len(rows), f"{topic} statements")
         out.extend(Statement(topic, r["statement"], int(r["label"])) for r in rows[:n])
-    return out
+        files.append(file_fingerprint(path, len(rows), rel))
+    return DataRows(out, files)
 
 
 # --- BIG-bench general_knowledge ----------------------------------------------------------------
@@ -173,19 +253,46 @@ def load_general_knowledge(data_dir_: str | os.PathLike | None = None, limit: in
     rel = "bigbench/general_knowledge.json"
     path = directory / rel
     if path.exists():
-        examples = json.loads(path.read_text())["examples"]
+        examples = _read_examples(path, rel)
         items = [
             ChoiceQuestion(i, ex["input"], list(ex["target_scores"]),
                            [c for c, s in ex["target_scores"].items() if s == 1])
             for i, ex in enumerate(examples)
         ]
+        files = [file_fingerprint(path, len(examples), rel)]
     else:
         items = _general_knowledge_from_hub()
         if items is None:
             raise _missing(rel, directory, rel)
+        files = [{"file": "hub:tasksource/bigbench (general_knowledge)", "rows": len(items), "sha256": None}]
     if include_hand_added:
         items.append(HAND_ADDED)
-    return items[: _check_limit(limit, len(items), "general_knowledge questions")]
+    return DataRows(items[: _check_limit(limit, len(items), "general_knowledge questions")], files)
+
+
+def _read_examples(path: Path, rel: str) -> list[dict]:
+    """The ``examples`` of a BIG-bench task file, checked (each with an ``input`` string and
+    ``target_scores`` mapping choices to 0/1, one of them 1); errors name the file and the example."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"Data file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                        f"the file is damaged or cut short; get it again ({_source_of(rel)}).") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"Data file {path} is not UTF-8 text ({err.reason}): get it again ({_source_of(rel)}).") from None
+    examples = doc.get("examples") if isinstance(doc, dict) else None
+    if not isinstance(examples, list) or not examples:
+        raise DataError(f"Data file {path} has no 'examples' list: it is not a BIG-bench task file; get it again "
+                        f"({_source_of(rel)}).")
+    for i, ex in enumerate(examples):
+        scores = ex.get("target_scores") if isinstance(ex, dict) else None
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not ex["input"].strip():
+            raise DataError(f"Data file {path}, example {i}: no 'input' text; fix or restore the file.")
+        if not isinstance(scores, dict) or len(scores) < 2 or not all(v in (0, 1) for v in scores.values()) \
+                or 1 not in scores.values():
+            raise DataError(f"Data file {path}, example {i}: 'target_scores' must map at least two choices to 0 or 1, "
+                            "one of them 1; fix or restore the file.")
+    return examples
 
 
 def _general_knowledge_from_hub() -> list[ChoiceQuestion] | None:

@@ -45,7 +45,8 @@ class AnswerEntropy:
 
     indices ``[N]``: TruthfulQA row of each answer; texts: answers as generated (stop string stripped,
     whitespace kept); n_tokens ``[N]``; means ``[N, E]``: mean lens entropy (nats) over the answer's
-    tokens at each layer, NaN for an answer with zero tokens; layers: the E hidden-state entries.
+    tokens at each layer, NaN for an answer with zero tokens; layers: the E hidden-state entries;
+    parallel: in an ``accelerate launch`` run, which questions each process answered (for the metadata).
     """
 
     indices: np.ndarray
@@ -54,6 +55,7 @@ class AnswerEntropy:
     means: np.ndarray
     layers: list[int]
     lens: str
+    parallel: dict | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         N, E = len(self.texts), len(self.layers)
@@ -128,9 +130,15 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens:
     no cache). Each chunk of ``chunk_size`` questions is keyed by the model's weights fingerprint, lens,
     settings and question indices (verified on read), and written atomically, so an interrupted run
     resumes where it stopped.
+
+    In an ``accelerate launch`` group the chunks still to compute (decided on the main process) are
+    sharded over the processes (:func:`earlyexit.core.parallel.map_items`, whole chunks, contiguous);
+    each process writes its own chunks' cache files and the parts are gathered in question order, so
+    every process returns the answers one process would.
     """
     from tqdm.auto import tqdm
 
+    from earlyexit.core import parallel
     from earlyexit.core.models import model_name
 
     if len(items) == 0:
@@ -143,21 +151,33 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens:
                 "batch_size": batch_size, "layers": None if layers is None else list(map(int, layers))}
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
     chunk = max(batch_size, chunk_size // batch_size * batch_size)
-    parts = []
-    starts = range(0, len(items), chunk)
-    for start in tqdm(starts, desc="entropy chunks", disable=not progress or len(starts) == 1):
-        group = items[start:start + chunk]
-        path, key = _cache_entry(cache, settings, [it.index for it in group]) if cache is not None else (None, "")
-        cached = _load_part(path, key) if path is not None else None
-        if cached is not None:
-            parts.append(cached)
-            continue
-        part = _generate(model, tokenizer, group, lens=lens, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         layers=layers, progress=progress)
-        if path is not None:
-            _save_part(path, key, part)
-        parts.append(part)
-    return AnswerEntropy.concat(parts)
+    groups = [items[start:start + chunk] for start in range(0, len(items), chunk)]
+    entries = [_cache_entry(cache, settings, [it.index for it in g]) if cache is not None else (None, "")
+               for g in groups]
+    main = parallel.is_main_process()
+    # the chunks already cached, read on the main process: every process then shards the same rest
+    cached = {j: part for j, (path, key) in enumerate(entries)
+              if path is not None and (part := _load_part(path, key)) is not None} if main else None
+    cached = parallel.broadcast(cached)
+    todo = [j for j in range(len(groups)) if j not in cached]
+
+    def run(js: list[int]) -> list[AnswerEntropy]:
+        out = []
+        for j in tqdm(js, desc="entropy chunks", disable=not progress or not main or len(js) <= 1):
+            part = _generate(model, tokenizer, groups[j], lens=lens, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, layers=layers, progress=progress and main)
+            if entries[j][0] is not None:
+                _save_part(*entries[j], part)
+            out.append(part)
+        return out
+
+    computed, info = parallel.map_items(run, todo)
+    done = dict(zip(todo, computed))
+    answers = AnswerEntropy.concat([cached[j] if j in cached else done[j] for j in range(len(groups))])
+    if info.num_processes > 1:
+        answers.parallel = {**info.as_meta(), "unit": chunk,
+                            "indices": [[it.index for j in js for it in groups[todo[j]]] for js in info.indices]}
+    return answers
 
 
 # --- analysis -------------------------------------------------------------------------------------
@@ -265,13 +285,14 @@ def run_entropy_study(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens
                       cache_dir: str | Path | None | bool = None, progress: bool = True) -> EntropyStudy:
     """Generate, score, label and analyse: the whole study on ``items``."""
     from earlyexit.studies.bertscore import check_scorer, scorer_description
-    from earlyexit.core.meta import run_metadata
+    from earlyexit.core.meta import data_files, run_metadata
     from earlyexit.core.models import model_name
     check_threshold(threshold)
     check_scorer(scorer)
     lens = resolve_lens(model, lens)
     for m in methods:
         check_label_method(m)
+    data = data_files(items)  # the data files' names, row counts and sha256, for the metadata
     items = list(items)
     answers = generate_answers(model, tokenizer, items, lens=lens, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, cache_dir=cache_dir, progress=progress)
@@ -285,7 +306,7 @@ def run_entropy_study(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens
                 "correction": correction, "seed": seed, "aggregation":
                 "per-answer mean over its tokens; token-weighted mean normalised within each group"}
     return EntropyStudy(model_name(model), items, answers, scores, overall, groups, settings,
-                        run_metadata(model, len(items), **settings))
+                        run_metadata(model, len(items), data=data, parallel=answers.parallel, **settings))
 
 
 # --- results --------------------------------------------------------------------------------------

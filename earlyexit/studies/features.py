@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from earlyexit.core import store
+from earlyexit.core import parallel, store
 from earlyexit.core.batching import chunks, encode_prompts, pad_id
 from earlyexit.studies.data import Statement
 from earlyexit.core.lenses import LENS_NAMES, Lens, get_unembed, resolve_lens
@@ -133,11 +133,14 @@ class Features:
 # --- cache keys ---------------------------------------------------------------------------------
 
 def chunk_key(model_fp: str, condition: str, prompts: Sequence[str], labels: Sequence[int], kind: str,
-              settings: FeatureSettings) -> str:
-    """The cache key of one chunk and kind: model, condition, exact prompts and labels, settings."""
+              settings: FeatureSettings, lens_fingerprint: str | None = None) -> str:
+    """The cache key of one chunk and kind: model, condition, exact prompts and labels, settings (and, for a
+    trained lens such as ``"tuned"``, that lens's own fingerprint)."""
     kind_settings = {"dtype": settings.dtype}
     if kind == "lens":
         kind_settings.update(lens=settings.lens, proj_dim=settings.proj_dim, proj_seed=settings.proj_seed)
+        if lens_fingerprint is not None:
+            kind_settings["lens_fingerprint"] = lens_fingerprint
     return store.make_key("features", {"v": CACHE_VERSION, "model": model_fp, "condition": condition, "prompts": list(prompts),
                  "labels": [int(x) for x in labels], "kind": kind, "settings": kind_settings,
                  "label_words": LABEL_WORDS})
@@ -177,8 +180,10 @@ def label_word_ids(tokenizer) -> list[int]:
 
 
 def _is_linear_head(unembed) -> bool:
+    """A plain linear head whose weights are at hand (not offloaded by accelerate: those are read only
+    through the head's own call)."""
     return (unembed.softcap is None and unembed.scale is None
-            and getattr(unembed.head, "bias", None) is None)
+            and getattr(unembed.head, "bias", None) is None and unembed.head.weight.device.type != "meta")
 
 
 _FOLDED: dict[tuple, torch.Tensor] = {}
@@ -238,7 +243,7 @@ def compute_features(model, tokenizer, token_lists: Sequence[Sequence[int]], kin
     hs = res.hidden_last
     if hs is None or len(hs) != len(entries):
         raise RuntimeError(f"Expected {len(entries)} hidden-state entries, got {None if hs is None else len(hs)}")
-    hidden = torch.stack([h.float() for h in hs])  # [E, B, d]
+    hidden = torch.stack([h.float().to(unembed.device) for h in hs])  # [E, B, d] (a sharded model: on the head's device)
     dt = np.dtype(settings.dtype)
     out: dict[str, np.ndarray] = {}
     if "hidden" in kinds:
@@ -270,6 +275,8 @@ def extract_features(
     Statements are processed in cache chunks of ``chunk_size`` and model batches of ``batch_size``;
     a chunk whose files exist for every kind asked is read back instead of running the model.
     ``cache_dir=None`` uses :func:`default_cache_dir`; ``use_cache=False`` neither reads nor writes.
+    In an ``accelerate launch`` group the chunks to compute are sharded over the processes (whole chunks,
+    contiguous) and gathered in order; ``stats["parallel"]`` says which statements each process ran.
     """
     check_condition(condition)
     kinds = check_kinds(kinds)
@@ -282,38 +289,62 @@ def extract_features(
     prompts = [statement_prompt(s.statement, condition) for s in statements]
     labels = np.array([int(s.label) for s in statements], dtype=np.int64)
     fp = store.model_fingerprint(model) if use_cache else ""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*kinds, "top1", "word_logprobs")}
-    stats = {"chunks": 0, "hits": 0, "misses": 0}
+    lens_fp = resolve_lens(model, settings.lens).fingerprint() if use_cache and "lens" in kinds and \
+        settings.lens == "tuned" else None
     all_kinds = (*kinds, "final")
-    for start, chunk_prompts in tqdm(list(chunks(prompts, chunk_size)), desc=f"features ({condition})",
-                                     disable=not progress):
+    specs = []  # per cache chunk: its first position, its prompts, and per kind its key and file
+    for start, chunk_prompts in chunks(prompts, chunk_size):
         chunk_labels = labels[start:start + len(chunk_prompts)]
-        n = len(chunk_prompts)
-        stats["chunks"] += 1
-        found: dict[str, dict[str, np.ndarray]] = {}
-        keys = {k: chunk_key(fp, condition, chunk_prompts, chunk_labels, k, settings) for k in all_kinds}
-        paths = {k: _chunk_path(cache, model, condition, k, keys[k]) for k in all_kinds}
-        if use_cache:
-            for k in all_kinds:
-                data = store.read_npz(paths[k], keys[k], rows=n)
-                if data is not None:
-                    found[k] = data
-        missing = [k for k in all_kinds if k not in found]
-        if missing:
-            stats["misses"] += 1
-            computed = _run_chunk(model, tokenizer, chunk_prompts, [k for k in kinds if k in missing] or [kinds[0]],
-                                  settings, condition, batch_size)
-            for k in missing:
-                names = [k] if k != "final" else ["top1", "word_logprobs"]
-                found[k] = {name: computed[name] for name in names}
-                if use_cache:
-                    store.write_npz(paths[k], keys[k], found[k])
-        else:
-            stats["hits"] += 1
-        for k in kinds:
-            parts[k].append(found[k][k])
-        parts["top1"].append(found["final"]["top1"])
-        parts["word_logprobs"].append(found["final"]["word_logprobs"])
+        keys = {k: chunk_key(fp, condition, chunk_prompts, chunk_labels, k, settings, lens_fp) for k in all_kinds}
+        specs.append((start, chunk_prompts, keys, {k: _chunk_path(cache, model, condition, k, keys[k]) for k in all_kinds}))
+
+    def read(j: int, wanted) -> dict[str, dict[str, np.ndarray]]:
+        _, cp, keys, paths = specs[j]
+        found = {}
+        for k in wanted if use_cache else ():
+            data = store.read_npz(paths[k], keys[k], rows=len(cp))
+            if data is not None:
+                found[k] = data
+        return found
+
+    def compute(j: int, missing) -> dict[str, dict[str, np.ndarray]]:
+        _, cp, keys, paths = specs[j]
+        computed = _run_chunk(model, tokenizer, cp, [k for k in kinds if k in missing] or [kinds[0]],
+                              settings, condition, batch_size)
+        got = {}
+        for k in missing:
+            names = [k] if k != "final" else ["top1", "word_logprobs"]
+            got[k] = {name: computed[name] for name in names}
+            if use_cache:
+                store.write_npz(paths[k], keys[k], got[k])
+        return got
+
+    # In an accelerate launch group the main process reads the cache and says which chunks still miss a kind;
+    # those chunks are sharded over the processes (each writes its own chunks' files) and gathered in order.
+    main = parallel.is_main_process()
+    found_all = [read(j, all_kinds) for j in range(len(specs))] if main else None
+    missing = parallel.broadcast([[k for k in all_kinds if k not in f] for f in found_all] if main else None)
+    if not main:
+        found_all = [read(j, [k for k in all_kinds if k not in missing[j]]) for j in range(len(specs))]
+    todo = [j for j, m in enumerate(missing) if m]
+
+    def run(js: list[int]) -> list[dict]:
+        return [compute(j, missing[j]) for j in tqdm(js, desc=f"features ({condition})", disable=not progress or not main)]
+
+    computed, info = parallel.map_items(run, todo)
+    for j, got in zip(todo, computed):
+        found_all[j].update(got)
+    for j, found in enumerate(found_all):  # a file the main process read that this one cannot: compute it here
+        absent = [k for k in all_kinds if k not in found]
+        if absent:
+            found.update(compute(j, absent))
+    stats: dict = {"chunks": len(specs), "hits": len(specs) - len(todo), "misses": len(todo)}
+    if info.num_processes > 1:
+        stats["parallel"] = {**info.as_meta(), "unit": chunk_size, "indices": [
+            [specs[todo[j]][0] + i for j in js for i in range(len(specs[todo[j]][1]))] for js in info.indices]}
+    parts = {k: [f[k][k] for f in found_all] for k in kinds}
+    parts["top1"] = [f["final"]["top1"] for f in found_all]
+    parts["word_logprobs"] = [f["final"]["word_logprobs"] for f in found_all]
     L = get_unembed(model).n_layers
     feats = Features(
         layers=list(range(L + 1)), labels=labels, topics=[s.topic for s in statements],

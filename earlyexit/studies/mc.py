@@ -32,7 +32,7 @@ from earlyexit.core.lenses import LensLike, check_entries, get_unembed, resolve_
 from earlyexit.core.prefix import extend_prefix
 from earlyexit.core.stats import CHUNK_BYTES
 from earlyexit.methods.contrast import choose_premature, contrast, js_distance_logprobs
-from earlyexit.methods.sled import SledSettings, target_scores
+from earlyexit.methods.sled import SledSettings, premature_logits, target_scores
 from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.prompts import truthfulqa_primer, truthfulqa_prompt
 
@@ -161,7 +161,10 @@ def primer_ids(tokenizer) -> list[int]:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the input ids go (a sharded model's first device)."""
+    from earlyexit.core.parallel import input_device
+
+    return input_device(model)
 
 
 def _common_prefix(lists: Sequence[Sequence[int]]) -> int:
@@ -192,7 +195,7 @@ def question_raw(model, tokenizer, question: MCQuestion, *, layers: Sequence[int
     L = unembed.n_layers
     layers = check_entries(L, layers, final=False, what="Candidate layer") if len(layers) else []
     sled_layers, sled_lens = sled.resolve(model) if sled is not None else ([], None)
-    dev = _device(model)
+    dev, hdev = _device(model), unembed.device
     prompt = truthfulqa_prompt(question.question)
     n_prompt = len(tokenizer(prompt)["input_ids"])
     full = [list(tokenizer(prompt + " " + a)["input_ids"]) for a in question.answers]
@@ -236,12 +239,14 @@ def question_raw(model, tokenizer, question: MCQuestion, *, layers: Sequence[int
                 row_of.append(keys[key])
         if take_b:
             tb, tc = torch.tensor(take_b, device=dev), torch.tensor(take_c, device=dev)
-            hidden_rows.append(torch.stack([hs[e][tb, tc] for e in entries + sled_layers]))
+            # each entry's rows from the device its layer ran on to the head's, once per question
+            hidden_rows.append(torch.stack([hs[e][tb.to(hs[e].device), tc.to(hs[e].device)].to(hdev)
+                                            for e in entries + sled_layers]))
         del out, hs
     # answers come in order (one group, or one group per answer), so row_of follows the flat token axis
     hidden = torch.cat(hidden_rows, dim=1)  # [E, U, d]
-    targets = torch.tensor([t for ids in full for t in ids[n_prompt:]], device=dev)
-    row_t = torch.tensor(row_of, device=dev)
+    targets = torch.tensor([t for ids in full for t in ids[n_prompt:]], device=hdev)
+    row_t = torch.tensor(row_of, device=hdev)
     offsets = [0]
     for ids in full:
         offsets.append(offsets[-1] + len(ids) - n_prompt)
@@ -264,7 +269,7 @@ def question_raw(model, tokenizer, question: MCQuestion, *, layers: Sequence[int
             js[:, k.cpu()] = js_from_logprobs(logp[0], logp[1:])[:, row_t[k] - s].cpu()
         del logp, lp_t
         if sled is not None:
-            prem = sled_lens.logits(hidden[E:, s:e], sled_layers)  # [N_sled, n, V]
+            prem = premature_logits(sled_lens, hidden[E:, s:e], sled_layers, sled.premature_dtype)  # [N_sled, n, V]
             lp_s, lg_s = target_scores(logits[0], prem, row_t[k] - s, targets[k], inplace=True,
                                        evolution_scale=sled.evolution_scale, evolution_rate=sled.evolution_rate,
                                        evolution_steps=sled.evolution_steps,
@@ -290,14 +295,34 @@ def js_from_logprobs(final_logprobs: Tensor, premature_logprobs: Tensor) -> Tens
 
 
 def mc_raw(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: LensLike = "raw",
-           shared: bool = True, progress: bool = False, sled: SledSettings | None = None) -> list[QuestionRaw]:
-    """:func:`question_raw` for every item, the primer's KV cache computed once for all of them."""
+           shared: bool = True, progress: bool = False, sled: SledSettings | None = None,
+           sharding: str = "contiguous") -> list[QuestionRaw]:
+    """:func:`question_raw` for every item, the primer's KV cache computed once for all of them. In an
+    ``accelerate launch`` group each process scores its shard and every process returns all questions in
+    order (see :func:`mc_raw_sharded`)."""
+    return mc_raw_sharded(model, tokenizer, items, layers=layers, lens=lens, shared=shared, progress=progress,
+                          sled=sled, sharding=sharding)[0]
+
+
+def mc_raw_sharded(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: Sequence[int],
+                   lens: LensLike = "raw", shared: bool = True, progress: bool = False,
+                   sled: SledSettings | None = None, sharding: str = "contiguous"):
+    """:func:`mc_raw` and its :class:`~earlyexit.core.parallel.ParallelInfo`: the questions are sharded over
+    the processes of an ``accelerate launch`` group (``sharding``: ``"contiguous"`` or ``"strided"``, see
+    :mod:`earlyexit.core.parallel`), each scores its own (questions are independent, so the records are
+    those of one process), and the records are gathered in question order on every process."""
+    from earlyexit.core import parallel
+
     questions = [mc_question(it) for it in items]
     if not questions:
         raise ValueError("No questions given.")
     primer = primer_ids(tokenizer) if shared else None
-    return [question_raw(model, tokenizer, q, layers=layers, lens=lens, primer=primer, shared=shared, sled=sled)
-            for q in tqdm(questions, desc="MC", disable=not progress)]
+
+    def score(part: list[MCQuestion]) -> list[QuestionRaw]:
+        return [question_raw(model, tokenizer, q, layers=layers, lens=lens, primer=primer, shared=shared, sled=sled)
+                for q in tqdm(part, desc="MC", disable=not progress or not parallel.is_main_process())]
+
+    return parallel.map_items(score, questions, mode=sharding, ids=[q.index for q in questions])
 
 
 def mc_layers(model) -> dict[str, list[int]]:
@@ -331,7 +356,7 @@ def _stem(model, key: str, n: int) -> str:
 def mc_raw_cached(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: LensLike = "raw",
                   cache_dir: str | Path | None = None, worker: tuple[int, int] | None = None, order_seed: int = 0,
                   checkpoint_every: int = 5, progress: bool = False,
-                  sled: SledSettings | None = None) -> list[QuestionRaw]:
+                  sled: SledSettings | None = None, return_info: bool = False):
     """:func:`mc_raw` whose result is kept in the store's ``mc`` area (or ``cache_dir``), keyed by the model's
     weights fingerprint, the questions, layers, lens and SLED settings (verified on read).
 
@@ -341,22 +366,36 @@ def mc_raw_cached(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: 
     K-th question of that order from the k-th on, to split a long run over K processes; the call
     that completes the set writes the whole cache file. Returns all questions when the set is
     complete, else the ones available (with a worker: after its share is done).
+
+    In an ``accelerate launch`` group ``worker`` defaults to (this process, the group's size): the same
+    strided split of the seeded order (:func:`earlyexit.core.parallel.assignment`), each process
+    checkpointing its own share; the shares are then gathered, so every process returns all questions
+    and the main process writes the whole file. ``return_info`` also returns the
+    :class:`~earlyexit.core.parallel.ParallelInfo` (the questions each process scored in this call).
     """
+    from earlyexit.core import parallel
+
     lens = resolve_lens(model, lens)
     folder = store.area("mc", cache_dir)
     key = cache_key(model, items, layers, lens.name, sled)
     stem = _stem(model, key, len(items))
     path = folder / f"{stem}.pt"
+    group = worker is None and parallel.num_processes() > 1
     whole = store.read_object(path, key)
+    if group:  # every process must take the same branch
+        whole = parallel.broadcast(whole)
     if whole is not None:
-        return _from_records(whole)
-    k, K = (0, 1) if worker is None else worker
+        raws = _from_records(whole)
+        return (raws, parallel.ParallelInfo(parallel.num_processes(), "strided", 1,
+                                            [[] for _ in range(parallel.num_processes())])) if return_info else raws
+    k, K = (parallel.process_index(), parallel.num_processes()) if worker is None else worker
     if not 0 <= k < K:
         raise ValueError(f"worker {worker} must be (k, K) with 0 <= k < K")
     n = len(items)
     have = _load_all(folder, stem, key)
-    order = np.random.default_rng(order_seed).permutation(n)[k::K]
-    todo = [int(i) for i in order if int(i) not in have]
+    order = np.random.default_rng(order_seed).permutation(n)
+    share = [int(order[j]) for j in parallel.assignment(n, K, mode="strided")[k]]  # order[k::K]
+    todo = [i for i in share if i not in have]
     mine_path = folder / f"{stem}.w{k}of{K}.partial.pt"
     mine: dict[int, dict] = store.read_object(mine_path, key) or {}
     todo = [i for i in todo if i not in mine]
@@ -369,12 +408,23 @@ def mc_raw_cached(model, tokenizer, items: Sequence[TruthfulQAItem], *, layers: 
         if (j + 1) % checkpoint_every == 0 or j + 1 == len(todo):
             store.write_object(mine_path, key, mine)
     bar.close()
+    done_by = [[items[i].index for i in todo]]
     have = _load_all(folder, stem, key)
-    if len(have) == n:
+    if group:  # the other processes' shares, through the process group rather than their files
+        gathered = parallel.gather((mine, done_by[0]))
+        for got, _ in gathered:
+            have.update(got)
+        done_by = [ids for _, ids in gathered]
+        parallel.barrier()  # every process has read the partial files before the main one removes them
+    if len(have) == n and (not group or parallel.is_main_process()):
         store.write_object(path, key, [have[i] for i in range(n)])
         for f in folder.glob(f"{stem}.*.pt"):
             f.unlink(missing_ok=True)
-    return _from_records([have[i] for i in sorted(have)])
+    raws = _from_records([have[i] for i in sorted(have)])
+    if return_info:
+        return raws, parallel.ParallelInfo(K, "strided", 1, done_by if group else
+                                           [done_by[0] if j == k else [] for j in range(K)])
+    return raws
 
 
 def mc_raw_available(model, items: Sequence[TruthfulQAItem], *, layers: Sequence[int], lens: LensLike = "raw",

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.core.atomic import write_json
+from earlyexit.core.errors import BadInput, DataError, DataNotFound
 from earlyexit.core.results import GenerateResults, write_result
 from earlyexit.studies.bootstrap import bootstrap_ci
 from earlyexit.studies.data import TruthfulQAItem
@@ -41,15 +42,21 @@ def generation_settings(decoding: str, *, dola_layers: str | Sequence[int] = "hi
 
     ``repetition_penalty=None`` takes the protocol's: 1.0 for vanilla, 1.2 for DoLa.
     """
-    from earlyexit.core.decoding import check_decoding, default_penalty
+    from earlyexit.core.checks import check_int, check_int_list
+    from earlyexit.core.decoding import check_decoding, check_penalty, default_penalty
+    from earlyexit.methods.contrast import check_relative_top
 
     check_decoding(decoding)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    check_int(max_new_tokens, "max_new_tokens", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    if decoding != "vanilla":
+        check_relative_top(relative_top)
+    if not isinstance(dola_layers, str):
+        dola_layers = check_int_list(dola_layers, "dola_layers", minimum=0)
+    check_int(premature_layer, "premature_layer", minimum=0, optional=True)
     s: dict[str, Any] = {"decoding": decoding,
-                         "repetition_penalty": default_penalty(decoding) if repetition_penalty is None else float(repetition_penalty),
+                         "repetition_penalty": default_penalty(decoding) if repetition_penalty is None
+                         else check_penalty(repetition_penalty),
                          "max_new_tokens": int(max_new_tokens), "stop": list(OPEN_ENDED_STOP), "greedy": True}
     if decoding == "dola":
         s.update(dola_layers=dola_layers if isinstance(dola_layers, str) else [int(x) for x in dola_layers])
@@ -87,35 +94,59 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], settings
     ``completion``, ``token_ids`` (the new tokens) and ``premature_layers``. With ``out`` the file is
     reused when it holds the same model, questions and settings (a finished run costs nothing), a
     partial one is resumed, and progress is written (atomically) every ``checkpoint_every`` questions.
+
+    In an ``accelerate launch`` group of K processes each round of K × ``checkpoint_every`` questions is
+    split into contiguous runs of whole batches (:func:`earlyexit.core.parallel.assignment` with
+    ``unit=batch_size``), so every process decodes exactly the batches one process would: the answers are
+    identical. The rows are gathered in question order and the main process alone writes the file (each
+    checkpoint, then the finished one); ``meta.parallel`` records which questions each process answered.
     """
+    from earlyexit.core import parallel
     from earlyexit.methods.dola import generate
     from earlyexit.core.meta import run_metadata
     from earlyexit.core.models import model_name
 
+    from earlyexit.core.checks import check_output_file
+
     if not items:
-        raise ValueError("No questions to answer.")
+        raise BadInput("No questions to answer.")
     name = model_name(model)
     done: list[dict] = []
+    if out is not None:
+        check_output_file(out, kind=GenerateResults.KIND)  # a folder, another kind of results: before any work
     if out is not None and Path(out).exists():
-        doc = json.loads(Path(out).read_text())
+        doc = GenerateResults.load(out).to_dict()
         if _same_run(doc, name, items, settings):
             if doc.get("complete"):
                 return doc
             done = doc["items"]
     kw = _generate_kwargs(settings)
 
-    def document(rows: list[dict], complete: bool) -> dict:
-        return {"meta": run_metadata(model, len(items), **settings), "indices": [it.index for it in items],
-                "complete": complete, "n_done": len(rows), "items": rows}
+    K, bs = parallel.num_processes(), settings["batch_size"]
+    handled = parallel.ParallelInfo(K, "contiguous", bs, [[] for _ in range(K)])
 
-    bar = tqdm(total=len(items), initial=len(done), desc=f"answers ({settings['decoding']})", disable=not progress)
-    step = max(checkpoint_every, settings["batch_size"])
-    while len(done) < len(items):
-        part = items[len(done):len(done) + step]
+    def document(rows: list[dict], complete: bool) -> dict:
+        return {"meta": run_metadata(model, len(items), data=items, parallel=handled if K > 1 else None,
+                                     **settings),
+                "indices": [it.index for it in items], "complete": complete, "n_done": len(rows), "items": rows}
+
+    def answer(part: list) -> list[dict]:
         outs = generate(model, tokenizer, [truthfulqa_prompt(it.question) for it in part], **kw)
-        for it, o in zip(part, outs):
-            done.append({"index": it.index, "question": it.question, "completion": o.text.strip(),
-                         "token_ids": list(o.token_ids), "premature_layers": list(o.premature_layers)})
+        return [{"index": it.index, "question": it.question, "completion": o.text.strip(),
+                 "token_ids": list(o.token_ids), "premature_layers": list(o.premature_layers),
+                 # what an early-exit / speculative method records (exit entries, drafts accepted)
+                 **({"token_info": dict(o.info)} if getattr(o, "info", None) else {}),
+                 **({"decoding_stats": dict(o.stats)} if getattr(o, "stats", None) else {})}
+                for it, o in zip(part, outs)]
+
+    bar = tqdm(total=len(items), initial=len(done), desc=f"answers ({settings['decoding']})",
+               disable=not progress or not parallel.is_main_process())
+    step = -(-max(checkpoint_every, bs) // bs) * bs  # whole batches per process and checkpoint
+    while len(done) < len(items):
+        part = items[len(done):len(done) + step * K]
+        rows, info = parallel.map_items(answer, part, unit=bs, ids=[it.index for it in part])
+        handled.extend(info)
+        done.extend(rows)
         bar.update(len(part))
         if out is not None and len(done) < len(items):
             write_result(out, GenerateResults.KIND, document(done, False))
@@ -137,36 +168,62 @@ def read_predictions(path: str | Path, items: Sequence[TruthfulQAItem]) -> tuple
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Predictions file {path} not found.")
-    doc = json.loads(path.read_text())
+        raise DataNotFound(f"Predictions file {path} not found.")
+    if path.is_dir():
+        raise DataError(f"Predictions file {path} is a folder: give the JSON file written by truthfulqa generate.")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"Predictions file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                        f"{err.colno}).") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"Predictions file {path} is not UTF-8 text ({err.reason}).") from None
     by_text = {it.question.strip(): it for it in items}
     by_index = {it.index: it for it in items}
     matched, completions = [], []
     if isinstance(doc, dict) and "items" in doc:
+        if doc.get("kind") not in (None, GenerateResults.KIND):
+            raise DataError(f"{path} holds {doc['kind']!r} results, not answers: give a truthfulqa generate output.")
         if doc.get("complete") is False:
-            raise ValueError(f"{path} is an unfinished run ({doc.get('n_done')} of {len(doc.get('indices', []))} "
+            raise DataError(f"{path} is an unfinished run ({doc.get('n_done')} of {len(doc.get('indices', []))} "
                              "questions): finish it (rerun the same generate command) before scoring.")
-        for row in doc["items"]:
+        if not isinstance(doc["items"], list) or not doc["items"]:
+            raise DataError(f"Predictions file {path} has no answers ('items' is empty or not a list).")
+        for n, row in enumerate(doc["items"]):
+            if not isinstance(row, dict):
+                raise DataError(f"Predictions file {path}, item {n}: not an object with 'question' and 'completion'.")
+            if not isinstance(row.get("completion"), str):
+                what = "has no 'completion'" if "completion" not in row else \
+                    f"has 'completion': {json.dumps(row['completion'])} (not a string)"
+                raise DataError(f"Predictions file {path}, item {n} (question {row.get('question')!r}) {what}: "
+                                "give each answer as text (\"\" for an empty answer).")
             it = by_index.get(row.get("index"))
             if it is None or it.question.strip() != str(row.get("question", "")).strip():
                 it = by_text.get(str(row.get("question", "")).strip())
             if it is None:
-                raise ValueError(f"Question {row.get('question')!r} in {path} is not a TruthfulQA question.")
+                raise DataError(f"Question {row.get('question')!r} in {path} (item {n}) is not a TruthfulQA question.")
             matched.append(it)
-            completions.append(str(row["completion"]))
+            completions.append(row["completion"])
         return matched, completions, doc.get("meta", {})
     if isinstance(doc, dict) and "question" in doc and "model_completion" in doc:
         qs, cs = doc["question"], doc["model_completion"]
+        if not isinstance(qs, list) or not isinstance(cs, list):
+            raise DataError(f"Predictions file {path}: 'question' and 'model_completion' must be lists.")
         if len(qs) != len(cs):
-            raise ValueError(f"{path}: {len(qs)} questions but {len(cs)} completions.")
-        for q, c in zip(qs, cs):
+            raise DataError(f"{path}: {len(qs)} questions but {len(cs)} completions.")
+        if not qs:
+            raise DataError(f"Predictions file {path} has no answers.")
+        for n, (q, c) in enumerate(zip(qs, cs)):
+            if not isinstance(c, str):
+                raise DataError(f"Predictions file {path}, model_completion[{n}] (question {q!r}) is "
+                                f"{json.dumps(c)}, not a string: give each answer as text.")
             it = by_text.get(str(q).strip())
             if it is None:
-                raise ValueError(f"Question {q!r} in {path} is not a TruthfulQA question.")
+                raise DataError(f"Question {q!r} in {path} (item {n}) is not a TruthfulQA question.")
             matched.append(it)
-            completions.append(str(c).strip())
+            completions.append(c.strip())
         return matched, completions, {"format": "dola-paper"}
-    raise ValueError(f"{path} is neither a generate output ({{'items': [...]}}) nor the DoLa paper's format "
+    raise DataError(f"{path} is neither a generate output ({{'items': [...]}}) nor the DoLa paper's format "
                      "({'question': [...], 'model_completion': [...]}).")
 
 

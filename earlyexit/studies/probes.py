@@ -106,15 +106,13 @@ def tap_layers(n_layers: int, fractions: Sequence[float] = TAP_FRACTIONS) -> lis
 
 
 def check_taps(taps: Sequence[int], n_entries: int) -> list[int]:
-    """Validate tap layers against ``n_entries`` = L+1 hidden-state entries."""
-    taps = [int(t) for t in taps]
-    if not taps:
+    """Validate tap layers against ``n_entries`` = L+1 hidden-state entries (the one range check,
+    :func:`~earlyexit.core.lenses.check_entries`)."""
+    from earlyexit.core.lenses import check_entries
+
+    if taps is not None and len(taps) == 0:
         raise ValueError("No tap layers given.")
-    bad = [t for t in taps if not 0 <= t < n_entries]
-    if bad:
-        raise IndexError(f"Tap layer {bad[0]} out of range: the features have entries 0..{n_entries - 1} "
-                         f"(0 = embeddings, {n_entries - 1} = the model's output).")
-    return taps
+    return check_entries(n_entries - 1, list(taps), what="Tap layer")
 
 
 # --- probes ---------------------------------------------------------------------------------------

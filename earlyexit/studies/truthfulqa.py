@@ -45,8 +45,10 @@ def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: st
 
     layers = mc_layers(model)
     raws = mc_raw_available(model, items, layers=layers["all"], lens=lens) if allow_partial else []
+    info = None  # which questions each process of an accelerate launch group scored
     if len(raws) == len(items) or not raws:
-        raws = mc_raw_cached(model, tokenizer, items, layers=layers["all"], lens=lens, progress=progress)
+        raws, info = mc_raw_cached(model, tokenizer, items, layers=layers["all"], lens=lens, progress=progress,
+                                   return_info=True)
     results = {
         "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
         "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
@@ -55,7 +57,8 @@ def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: st
     cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
     results["dola-static (2-fold CV)"] = cv["cross_fitted"]
     doc = {
-        "meta": run_metadata(model, len(raws), lens=lens, questions_requested=len(items),
+        "meta": run_metadata(model, len(raws), data=items, parallel=info if info and info.num_processes > 1 else None,
+                             lens=lens, questions_requested=len(items),
                              complete=len(raws) == len(items), buckets=layers, plausibility=False,
                              answer_format="' ' + answer, '.' appended when missing",
                              static_selection=cv["cross_fitted"].settings["selection"], n_boot=n_boot, seed=seed),
@@ -129,7 +132,7 @@ def run_open_ended(model, tokenizer, items: Sequence[TruthfulQAItem], *, results
                 **summarise_rows(rows, n_boot=n_boot, seed=seed), "settings": v["settings"],
                 "complete": v["complete"], "items": []}
     write_result(ScoresResults.path(results_dir, model), ScoresResults.KIND,
-                 {"meta": run_metadata(model, len(items), bertscore=bertscore, n_boot=n_boot, seed=seed),
+                 {"meta": run_metadata(model, len(items), data=items, bertscore=bertscore, n_boot=n_boot, seed=seed),
                   "study": STUDY_OPEN_ENDED, "decodings": out["scores"]})
     return out
 

@@ -1,0 +1,169 @@
+"""Data parallelism on this machine: TruthfulQA MC, 2 processes × 1 thread against 1 process × 2 threads.
+
+Both arms score the same questions with the same code (what ``earlyexit truthfulqa mc`` runs:
+:func:`~earlyexit.studies.mc.mc_raw_sharded`, :func:`~earlyexit.studies.mc.evaluate`, one results file
+written by the main process) and must give identical results (checked). The 2-process arm is started by
+accelerate's own launcher (``accelerate launch --multi_gpu --num_processes 2``: torchrun; the group runs
+on CPU over gloo); the 1-process arm is a plain ``python``. Each process records when it started, when its
+imports, model load and process group were done, how long its share of the questions took and how long
+the gather took, so the report splits each arm's wall time into work and per-process overhead.
+
+On a 2-core machine both arms have the same two cores: the ratio measures what data parallelism costs
+(the launcher, a second model load and import, the gather), not what it gains. On N GPUs the work part
+divides by N and the overhead stays about what is measured here per process (plus loading the weights
+from disk, in parallel).
+
+    python bench/scale.py                       # SmolLM2, 40 questions, DoLa (high bucket)
+    python bench/scale.py --questions 8 --decoding vanilla
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One process of an arm: the CLI's MC path, with a timestamp after each phase."""
+    import psutil
+
+    marks = {"created": psutil.Process().create_time()}
+    import torch
+
+    from earlyexit.core import parallel
+    from earlyexit.core.meta import run_metadata
+    from earlyexit.core.models import load_model
+    from earlyexit.core.results import MCResults, write_result
+    from earlyexit.studies.data import load_truthfulqa
+    from earlyexit.studies.mc import evaluate, mc_layers, mc_raw_sharded
+
+    marks["imported"] = time.time()
+    parallel.state()  # the process group (none in the 1-process arm)
+    parallel.barrier()
+    marks["group"] = time.time()
+    items = load_truthfulqa(limit=args.questions)
+    model, tok = load_model(args.model)
+    marks["model"] = time.time()
+    layers = mc_layers(model)["high"] if args.decoding == "dola" else []
+    plan = parallel.assignment(len(items))[parallel.process_index()]
+    # the share of this process, timed on its own, then the gather (mc_raw_sharded does both)
+    real_gather = parallel.gather
+    timing = {}
+
+    def timed_gather(obj):
+        timing["work"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = real_gather(obj)
+        timing["gather"] = time.perf_counter() - t1
+        return out
+
+    parallel.gather = timed_gather
+    t0 = time.perf_counter()
+    try:
+        raws, info = mc_raw_sharded(model, tok, items, layers=layers, lens="raw")
+    finally:
+        parallel.gather = real_gather
+    timing.setdefault("work", time.perf_counter() - t0)
+    timing.setdefault("gather", 0.0)
+    kw = {"candidates": layers} if args.decoding == "dola" else {}
+    res = evaluate(raws, args.decoding, n_boot=200, **kw)
+    write_result(args.out, MCResults.KIND, {"meta": run_metadata(model, len(items), parallel=info,
+                                                                 decoding=args.decoding, candidates=layers),
+                                            "decodings": {args.decoding: res.as_dict()}})
+    marks["end"] = time.time()
+    rank = parallel.process_index()
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "threads": torch.get_num_threads(), "questions": len(plan), "marks": marks, **timing}))
+
+
+def _arm(name: str, cmd: list[str], threads: int, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    start = time.time()
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    if run.returncode:
+        raise RuntimeError(f"{name} failed:\n{run.stderr[-4000:]}")
+    ranks = [json.loads(p.read_text()) for p in sorted(out.parent.glob(out.name + ".rank*.json"))]
+    per = []
+    for r in ranks:
+        m = r["marks"]
+        per.append({"rank": r["rank"], "threads": r["threads"], "questions": r["questions"],
+                    "launch_to_process_s": m["created"] - start,  # the launcher (and torchrun) before this process
+                    "imports_s": m["imported"] - m["created"], "process_group_s": m["group"] - m["imported"],
+                    "model_load_s": m["model"] - m["group"], "work_s": r["work"], "gather_s": r["gather"],
+                    "evaluate_and_write_s": m["end"] - m["model"] - r["work"] - r["gather"],
+                    "exit_s": start + wall - m["end"]})
+    for p in per:
+        p["overhead_s"] = p["launch_to_process_s"] + p["imports_s"] + p["process_group_s"] + p["model_load_s"] + \
+            p["gather_s"] + p["exit_s"]
+    return {"arm": name, "command": cmd, "threads_per_process": threads, "wall_s": wall, "processes": per,
+            "work_s": max(p["work_s"] for p in per)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--questions", type=int, default=40)
+    ap.add_argument("--decoding", choices=("dola", "vanilla"), default="dola")
+    ap.add_argument("--out", default=str(REPO / "results" / "bench_scale.json"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return {}
+
+    from earlyexit.core.atomic import write_json
+    from earlyexit.core.meta import library_versions
+
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    me = [str(Path(__file__).resolve()), "--worker", "--model", args.model, "--questions", str(args.questions),
+          "--decoding", args.decoding]
+    arms = {}
+    load_before = os.getloadavg()
+    for name, threads, launcher in (
+            ("1 process x 2 threads", 2, [sys.executable]),
+            ("2 processes x 1 thread", 1, [accelerate, "launch", "--multi_gpu", "--num_processes", "2",
+                                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                           "--main_process_port", "0"])):
+        out = tmp / f"{len(arms)}.json"
+        arms[name] = _arm(name, launcher + me + ["--out", str(out)], threads, out)
+        arms[name]["result"] = json.loads(out.read_text())
+        a = arms[name]
+        print(f"{name}: wall {a['wall_s']:.1f} s, work {a['work_s']:.1f} s, overhead per process "
+              + ", ".join(f"{p['overhead_s']:.1f} s" for p in a["processes"]), flush=True)
+    one, two = arms["1 process x 2 threads"], arms["2 processes x 1 thread"]
+    strip = lambda doc: {k: v for k, v in doc.items() if k != "meta"}  # noqa: E731
+    identical = strip(one["result"]) == strip(two["result"])
+    if not identical:
+        raise AssertionError("2 processes and 1 process gave different MC results")
+    o1, o2 = one["processes"][0]["overhead_s"], [p["overhead_s"] for p in two["processes"]]
+    doc = {
+        "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "questions": args.questions, "decoding": args.decoding, "model": args.model, "results_identical": identical,
+        "wall_ratio_1x2_over_2x1": one["wall_s"] / two["wall_s"],
+        "work_ratio_1x2_over_2x1": one["work_s"] / two["work_s"],
+        "overhead_s": {"1 process x 2 threads": o1, "2 processes x 1 thread": o2,
+                       "extra_per_process_s": sum(o2) / len(o2) - o1},
+        "arms": {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in arms.items()},
+        "versions": library_versions(),
+        "note": "both arms share the same 2 CPU cores: the ratio measures the overhead of data parallelism, not "
+                "its gain",
+    }
+    write_json(args.out, doc)
+    print(f"wall 1x2 / 2x1 = {doc['wall_ratio_1x2_over_2x1']:.2f}, work 1x2 / 2x1 = "
+          f"{doc['work_ratio_1x2_over_2x1']:.2f}, overhead per process {doc['overhead_s']}; "
+          f"results identical: {identical}\nwrote {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
