@@ -129,6 +129,6 @@ def test_notebook_redraws_from_saved_results(name, subset_run, tmp_path, monkeyp
     # every table and printed line after the first (load-or-compute) cell is the same as in the computing run
     code = lambda n: [c for c in n["cells"] if c["cell_type"] == "code"]
     start = next(i for i, c in enumerate(code(nb)) if "load_or_compute" in "".join(c["source"])) + 1
-    for a, b in zip(code(first)[start:], code(nb)[start:]):
-        assert _text(first, a) == _text(nb, b), "".join(a["source"])
+    for a, b in zip(code(first)[start:], code(nb)[start:]):  # joined: a kernel may split a stream in chunks
+        assert "".join(_text(first, a)) == "".join(_text(nb, b)), "".join(a["source"])
     print(f"{name}: redraw in {seconds:.0f} s")
