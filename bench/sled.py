@@ -10,7 +10,9 @@ between the two after a warm-up; medians.
 - ``ratio``: SLED tokens/s ÷ greedy tokens/s of the decoding steps alone, from the time difference
   between a long and a short generation (prefill cancels out);
 - ``ratio_end_to_end``: the same for whole calls of ``--new-tokens`` tokens, prefill included;
-- ``ratio_cpu_time``: as ``ratio`` from process CPU time.
+- ``ratio_cpu_time``: as ``ratio`` from process CPU time;
+- ``ratio_min``: as ``ratio`` from the fastest long and fastest short call of each side (on a shared,
+  loaded machine other processes only ever add time, so the minimum is the steadier figure).
 
 ``--premature-dtype float32,bfloat16`` also times SLED with the premature head product in bfloat16
 (approximate, see :func:`earlyexit.methods.sled.premature_logits`): its figures are reported under
@@ -60,7 +62,7 @@ def write_report(args, results: dict) -> dict:
     report: dict = {}
     for dtype in args.premature_dtype:
         suffix = "" if dtype == "float32" else f"_{dtype}"
-        for fig in ("ratio", "ratio_end_to_end", "ratio_cpu_time"):
+        for fig in ("ratio", "ratio_end_to_end", "ratio_cpu_time", "ratio_min"):
             report[fig + suffix] = {m: {b: e[fig + suffix] for b, e in d.items()} for m, d in results.items()}
     report.update({
         "targets": TARGETS,
@@ -159,14 +161,18 @@ def main(argv: list[str] | None = None) -> dict:
                 diffs = [b - a for a, b in zip(cpu[(key, n_short)], cpu[(key, n_long)])]
                 decode_cpu[key] = B * (n_long - n_short) / statistics.median(diffs)
             e2e = {key: B * n_long / med[(key, n_long)] for key, _ in contestants}
+            fastest = {key: B * (n_long - n_short) / (min(times[(key, n_long)]) - min(times[(key, n_short)]))
+                       for key, _ in contestants}
             entry = {}
             for dtype in args.premature_dtype:
                 v, suffix = _variant(dtype), ("" if dtype == "float32" else f"_{dtype}")
                 entry.update({"ratio" + suffix: decode[v] / decode["hf"],
                               "ratio_end_to_end" + suffix: e2e[v] / e2e["hf"],
-                              "ratio_cpu_time" + suffix: decode_cpu[v] / decode_cpu["hf"]})
+                              "ratio_cpu_time" + suffix: decode_cpu[v] / decode_cpu["hf"],
+                              "ratio_min" + suffix: fastest[v] / fastest["hf"]})
             entry.update({
                 "decode_tokens_per_s": decode,
+                "decode_tokens_per_s_fastest": fastest,
                 "decode_tokens_per_cpu_s": decode_cpu,
                 "end_to_end_tokens_per_s": e2e,
                 "median_seconds": {f"{k}@{n}": v for (k, n), v in med.items()},

@@ -29,6 +29,7 @@ _EXPORTS = {
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 _WHERE["dola"] = "earlyexit.methods.dola"  # a module
+_WHERE["early_exit"] = "earlyexit.methods.early_exit"  # a module: early-exit, self-speculative, layer-skip
 
 
 def __getattr__(name: str):
@@ -38,7 +39,7 @@ def __getattr__(name: str):
     if mod is None:
         raise AttributeError(f"module 'earlyexit' has no attribute {name!r}")
     module = importlib.import_module(mod)
-    value = module if name == "dola" else getattr(module, name)
+    value = module if name in ("dola", "early_exit") else getattr(module, name)
     globals()[name] = value
     return value
 
@@ -54,5 +55,5 @@ __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "Lens", "LogitLens", "RawLens", "LENS_NAMES", "resolve_lens",
     "lens_stats", "LensResult", "answer_span", "depth_layers", "generate_with_lens", "LensGeneration",
     "DECODERS", "decode", "decoding_names", "make_scorer",
-    "load_truthfulqa", "load_true_false", "load_general_knowledge", "dola", "lens_view",
+    "load_truthfulqa", "load_true_false", "load_general_knowledge", "dola", "early_exit", "lens_view",
 ]

@@ -155,10 +155,10 @@ def test_all_drafts_accepted_eos_and_stop_inside_a_draft(tokenizer):
     ids = _ids(tokenizer, SHORT)
     L = _n_layers(model)
     ref = _greedy(model, ids, n=40)
-    _, out = _run(model, ids, "self-speculative", n=40, exit_entry=L - 1, max_draft=6)
+    _, out = _run(model, ids, "self-speculative", n=40, exit_entry=L - 1, max_draft=6, draft_threshold=0.0)
     assert out.token_ids == ref and out.stats["acceptance_rate"] == 1.0
     assert out.stats["tokens_per_verify"] > 4
-    _, skip = _run(model, ids, "layer-skip", n=40, skip_layers=[L - 1], max_draft=6)
+    _, skip = _run(model, ids, "layer-skip", n=40, skip_layers=[L - 1], max_draft=6, draft_threshold=0.0)
     assert skip.token_ids == ref and skip.stats["acceptance_rate"] == 1.0
     # EOS: the greedy token at position 9 (inside the second draft of six)
     eos = ref[9]
@@ -167,17 +167,18 @@ def test_all_drafts_accepted_eos_and_stop_inside_a_draft(tokenizer):
     assert want == ref[:first + 1]
     for name, kw in (("self-speculative", {"exit_entry": L - 1}), ("layer-skip", {"skip_layers": [L - 1]})):
         tracker = StopTracker(tokenizer, 1, (), [eos])
-        _, got = _run(model, ids, name, n=40, stop=tracker, max_draft=6, **kw)
+        _, got = _run(model, ids, name, n=40, stop=tracker, max_draft=6, draft_threshold=0.0, **kw)
         assert got.token_ids == want
     # a stop string: the text of greedy tokens 12..13
     stop_text = tokenizer.decode(ref[12:14])
     t_ref = StopTracker(tokenizer, 1, (stop_text,), [])
     want = _greedy(model, ids, n=40, stop=t_ref)
     tracker = StopTracker(tokenizer, 1, (stop_text,), [])
-    _, got = _run(model, ids, "self-speculative", n=40, stop=tracker, exit_entry=L - 1, max_draft=6)
+    _, got = _run(model, ids, "self-speculative", n=40, stop=tracker, exit_entry=L - 1, max_draft=6,
+                  draft_threshold=0.0)
     assert got.token_ids == want and tracker.result(0) == t_ref.result(0)
     # max_new_tokens inside a draft
-    _, got = _run(model, ids, "self-speculative", n=9, exit_entry=L - 1, max_draft=4)
+    _, got = _run(model, ids, "self-speculative", n=9, exit_entry=L - 1, max_draft=4, draft_threshold=0.0)
     assert got.token_ids == ref[:9]
 
 

@@ -3,8 +3,11 @@ models dispatched / offloaded by accelerate, half precision, and the memory esti
 
 The multi-process tests start ``accelerate launch --multi_gpu --num_processes 2`` (a torchrun launch; on a
 machine without CUDA :mod:`earlyexit.core.parallel` runs the group on CPU over gloo — accelerate 1.15's
-``--cpu`` flag would start a single process) on a tiny model saved to a folder, so each costs the start of
-three Python processes, not a model's compute.
+``--cpu`` flag would start a single process) on a tiny model saved to a folder: two launches in all (MC and
+generation, the entropy study's answers and the probe features in one, the killed worker in the other), each
+the start of three Python processes, not a model's compute. The numbers are identical at the same number of
+threads per process (1 in the workers and in the references: with 2 threads a long reduction, e.g. the probe
+features' folded projection or SmolLM2's products, rounds differently, see bench/scale.py).
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ def tiny_folder(tmp_path_factory, tokenizer):
 
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", EARLYEXIT_DATA_DIR=str(DATA_DIR), EARLYEXIT_CACHE=str(tmp_path / "cache"),
-               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",
+               OMP_NUM_THREADS="1")  # torchrun's default, stated: an inherited value would change the rounding
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(var, None)
     return env
@@ -80,10 +84,23 @@ def _launch(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.C
                           timeout=timeout)
 
 
+class _one_thread:
+    """The references run on one thread, as each launched worker does (torchrun sets OMP_NUM_THREADS=1): a
+    reduction split over two threads rounds differently (e.g. the probe features' folded projection)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
 def _one_process(args: list[str]) -> None:
     from earlyexit.cli import main
 
-    assert main(args) == 0
+    with _one_thread():
+        assert main(args) == 0
 
 
 def _payload(path: Path) -> tuple[dict, dict]:
@@ -106,8 +123,10 @@ def two_processes(tiny_folder, tmp_path_factory):
     gen = GEN_ARGS + ["--model", tiny_folder]
     _one_process(mc + ["--out", str(files["mc"][1])])
     _one_process(gen + ["--out", str(files["gen"][1])])
+    files["studies"] = {2: tmp / "studies2.pt"}
     run = _launch([str(REPO / "tests" / "_cli_sequence.py"), *mc, "--out", str(files["mc"][2]), ":::",
-                   *gen, "--out", str(files["gen"][2])], tmp)
+                   *gen, "--out", str(files["gen"][2]), ":::", "studies", tiny_folder, str(files["studies"][2]),
+                   str(tmp / "cache2")], tmp)
     assert run.returncode == 0, run.stderr[-3000:]
     return files, run
 
@@ -132,6 +151,33 @@ def test_generation_on_two_processes_is_identical_to_one(two_processes):
     assert [r["index"] for r in p2["items"]] == [0, 1, 2, 3]
     assert m2["num_processes"] == 2 and m2["parallel"]["unit"] == 2  # whole batches per process
     assert m2["parallel"]["indices"] == [[0, 1], [2, 3]]
+
+
+def test_entropy_answers_and_probe_features_on_two_processes_are_identical(two_processes, tiny_folder, tmp_path):
+    import numpy as np
+
+    from earlyexit.core.models import load_model
+    from earlyexit.studies.data import load_true_false, load_truthfulqa
+    from earlyexit.studies.entropy import generate_answers
+    from earlyexit.studies.features import extract_features
+
+    files, _ = two_processes
+    got = torch.load(files["studies"][2], weights_only=False)
+    model, tok = load_model(tiny_folder)
+    with _one_thread():
+        ref = generate_answers(model, tok, load_truthfulqa(DATA_DIR, 4), batch_size=2, chunk_size=2,
+                               max_new_tokens=8, cache_dir=False, progress=False)
+    a = got["answers"]
+    assert a.texts == ref.texts and np.array_equal(a.n_tokens, ref.n_tokens)
+    assert np.array_equal(a.means, ref.means, equal_nan=True)
+    assert a.parallel["num_processes"] == 2 and a.parallel["indices"] == [[0, 1], [2, 3]]  # a chunk each
+    with _one_thread():
+        feats = extract_features(model, tok, load_true_false("cities", DATA_DIR, 8), "prompted", batch_size=2,
+                                 chunk_size=4, use_cache=False)
+    f = got["features"]
+    for k in ("hidden", "lens", "top1", "word_logprobs", "labels"):
+        assert np.array_equal(getattr(f, k), getattr(feats, k)), k
+    assert f.stats["parallel"]["indices"] == [[0, 1, 2, 3], [4, 5, 6, 7]] and f.stats["misses"] == 2
 
 
 def test_a_killed_worker_leaves_no_result_file(tiny_folder, tmp_path):

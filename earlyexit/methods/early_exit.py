@@ -16,9 +16,10 @@ attend to every position at every layer. Recorded per token: ``exit_entry`` (L =
 
 ``self-speculative`` (Elhoushi et al. 2024, here on a model not trained for it): draft up to
 ``max_draft`` tokens with layers 1..E through the lens at entry E (``exit_entry``), one token at a
-time; stop drafting early when the draft's top-1 probability falls below ``draft_threshold``. Then
-one verify pass runs only layers E+1..L on the drafted positions, from the entry-E hidden states the
-draft already computed — those, and the draft's KV of layers 1..E, are the full model's own. The
+time; stop drafting early when the draft's top-1 probability falls below ``draft_threshold`` (0.4 by
+default, transformers' value; the low-confidence draft is still verified). Then one verify pass runs
+only layers E+1..L on the drafted positions, from the entry-E hidden states the draft already
+computed — those, and the draft's KV of layers 1..E, are the full model's own. The
 longest agreeing prefix is kept with the full model's next token; the cache is cut back (crop) to
 what was kept. The output is the full model's greedy output (token for token, up to float rounding of
 a k-position pass against k one-position passes).
@@ -62,6 +63,7 @@ from earlyexit.core.stack import LayerStack, crop_layers, get_stack, prepare_cac
 
 CONFIDENCES = ("prob", "margin", "entropy")
 DEFAULT_MAX_DRAFT = 4
+DEFAULT_DRAFT_THRESHOLD = 0.4  # transformers' assistant_confidence_threshold
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class EarlyExit(_OwnLoop):
 
     name = "early-exit"
 
-    def __init__(self, model, *, confidence: str = "margin", threshold: float = 0.9,
+    def __init__(self, model, *, confidence: str = "margin", threshold: float = 0.99,
                  exit_entries: Sequence[int] | None = None, lens: LensLike = "normed",
                  repetition_penalty: float = 1.0):
         super().__init__(model, repetition_penalty)
@@ -393,7 +395,7 @@ class SelfSpeculative(_Speculative):
     name = "self-speculative"
 
     def __init__(self, model, *, exit_entry: int | str = "auto", max_draft: int = DEFAULT_MAX_DRAFT,
-                 draft_threshold: float = 0.0, lens: LensLike = "normed", repetition_penalty: float = 1.0,
+                 draft_threshold: float = DEFAULT_DRAFT_THRESHOLD, lens: LensLike = "normed", repetition_penalty: float = 1.0,
                  calibration: Sequence[Sequence[int]] | None = None):
         super().__init__(model, max_draft=max_draft, draft_threshold=draft_threshold,
                          repetition_penalty=repetition_penalty)
@@ -426,7 +428,7 @@ class LayerSkip(_Speculative):
     name = "layer-skip"
 
     def __init__(self, model, *, skip_layers: Sequence[int] | str = "auto", max_draft: int = DEFAULT_MAX_DRAFT,
-                 draft_threshold: float = 0.0, repetition_penalty: float = 1.0,
+                 draft_threshold: float = DEFAULT_DRAFT_THRESHOLD, repetition_penalty: float = 1.0,
                  calibration: Sequence[Sequence[int]] | None = None):
         super().__init__(model, max_draft=max_draft, draft_threshold=draft_threshold,
                          repetition_penalty=repetition_penalty)
@@ -455,7 +457,7 @@ class LayerSkip(_Speculative):
 # --- registry -------------------------------------------------------------------------------------
 
 @register("early-exit")
-def _early_exit(model, *, confidence: str = "margin", threshold: float = 0.9,
+def _early_exit(model, *, confidence: str = "margin", threshold: float = 0.99,
                 exit_entries: Sequence[int] | None = None, lens: LensLike = "normed",
                 repetition_penalty: float = 1.0, premature_lens: LensLike | None = None) -> EarlyExit:
     """``premature_lens`` (the registry's common setting) is not used: the exit lens is ``lens``."""
@@ -465,7 +467,7 @@ def _early_exit(model, *, confidence: str = "margin", threshold: float = 0.9,
 
 @register("self-speculative")
 def _self_speculative(model, *, exit_entry: int | str = "auto", max_draft: int = DEFAULT_MAX_DRAFT,
-                      draft_threshold: float = 0.0, lens: LensLike = "normed", repetition_penalty: float = 1.0,
+                      draft_threshold: float = DEFAULT_DRAFT_THRESHOLD, lens: LensLike = "normed", repetition_penalty: float = 1.0,
                       calibration: Sequence[Sequence[int]] | None = None,
                       premature_lens: LensLike | None = None) -> SelfSpeculative:
     return SelfSpeculative(model, exit_entry=exit_entry, max_draft=max_draft, draft_threshold=draft_threshold,
@@ -474,7 +476,7 @@ def _self_speculative(model, *, exit_entry: int | str = "auto", max_draft: int =
 
 @register("layer-skip")
 def _layer_skip(model, *, skip_layers: Sequence[int] | str = "auto", max_draft: int = DEFAULT_MAX_DRAFT,
-                draft_threshold: float = 0.0, repetition_penalty: float = 1.0,
+                draft_threshold: float = DEFAULT_DRAFT_THRESHOLD, repetition_penalty: float = 1.0,
                 calibration: Sequence[Sequence[int]] | None = None,
                 premature_lens: LensLike | None = None) -> LayerSkip:
     return LayerSkip(model, skip_layers=skip_layers, max_draft=max_draft, draft_threshold=draft_threshold,

@@ -11,11 +11,8 @@ from earlyexit.core.results import ExitResults, model_tag
 from earlyexit.plotting import save_figure
 from earlyexit.reports import load_or_compute as _load_or_compute
 
-DECODER_CONFIGS = (  # early-exit settings compared with greedy on the first questions
-    {"confidence": "margin", "threshold": 0.9},
-    {"confidence": "margin", "threshold": 0.5},
-    {"confidence": "prob", "threshold": 0.9},
-    {"confidence": "entropy", "threshold": 0.5},
+DECODER_CONFIGS = (  # early-exit settings compared with greedy besides the calibrated ones
+    {"confidence": "margin", "threshold": 0.99},  # the decoder's default: a few entries (from L/2, every L/8)
 )
 
 
@@ -51,8 +48,9 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
             labels = {m: label_answers(scores, m, threshold) for m in LABEL_METHODS}
         per_lens[name] = xa.analyse(tokens, labels, targets=targets, n_boot=n_boot, n_perm=n_perm)
     decoders = None
-    if decoder_limit:
-        decoders = xa.compare_decoders(llm, tok, items[:decoder_limit], decoder_configs,
+    if decoder_limit:  # the calibrated policies (normed lens, target 0.95) decoded for real, and the defaults
+        configs = xa.calibrated_configs(per_lens["normed"]) if "normed" in per_lens else []
+        decoders = xa.compare_decoders(llm, tok, items[:decoder_limit], [*configs, *decoder_configs],
                                        max_new_tokens=max_new_tokens)
     parameters = {"model": model, "limit": limit, "lenses": list(lenses), "threshold": threshold, "scorer": scorer,
                   "max_new_tokens": max_new_tokens, "n_boot": n_boot, "n_perm": n_perm, "targets": list(targets),
@@ -166,13 +164,17 @@ def table_decoders(res) -> str:
     d = res.get("decoders") if hasattr(res, "get") else None
     if not d:
         return "(the decoders were not run: decoder_limit = 0)"
-    rows = ["| decoding | settings | tokens/s | mean layers / token | token agreement | identical answers | "
-            "ROUGE-L vs greedy |", "|---|---|---|---|---|---|---|"]
+    rows = ["| decoding | settings | tokens / answer | tokens/s | mean layers / token | token agreement | "
+            "identical answers | ROUGE-L vs greedy |", "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        s = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "–"
+        st = dict(r["settings"])
+        entries = st.pop("exit_entries", None)
+        s = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()) or "–"
+        if entries is not None:
+            s += f", exits checked at {entries[0]}..{entries[-1]}"
         ml = "–" if r["mean_layers"] is None else f"{r['mean_layers']:.2f}"
-        rows.append(f"| {r['name']} | {s} | {r['tokens_per_s']:.1f} | {ml} | {r['token_agreement']:.3f} | "
-                    f"{r['identical']:.2f} | {r['rouge_l']:.3f} |")
+        rows.append(f"| {r['name']} | {s} | {r.get('tokens_per_answer', float('nan')):.1f} | {r['tokens_per_s']:.1f} | "
+                    f"{ml} | {r['token_agreement']:.3f} | {r['identical']:.2f} | {r['rouge_l']:.3f} |")
     rows.append(f"\n{d['n_questions']} questions, batch 1, at most {d['max_new_tokens']} new tokens; {d['note']}.")
     return "\n".join(rows)
 

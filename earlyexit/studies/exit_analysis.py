@@ -446,6 +446,19 @@ class DecoderRun:
     seconds: float
 
 
+def calibrated_configs(analysis: dict[str, Any], target: float = 0.95) -> list[dict[str, Any]]:
+    """``early-exit`` settings that replay the calibrated policies of :func:`calibrate_policies` (one per
+    measure, the λ chosen for ``target``, every entry 1..L−1 checked, as in the simulation)."""
+    L = analysis["L"]
+    out = []
+    for p in analysis["calibrated"]["policies"]:
+        if p["target_agreement"] == target:
+            lam = float(p["threshold"])
+            lam = min(max(lam, 0.0), 1.0) if p["measure"] != "entropy" else max(lam, 0.0)
+            out.append({"confidence": p["measure"], "threshold": lam, "exit_entries": list(range(1, L))})
+    return out
+
+
 def compare_decoders(model, tokenizer, items: Sequence[TruthfulQAItem], configs: Sequence[dict[str, Any]], *,
                      max_new_tokens: int = ENTROPY_MAX_NEW_TOKENS) -> dict[str, Any]:
     """Greedy and each ``early-exit`` setting in ``configs`` on the same questions (batch 1, the entropy
@@ -466,9 +479,12 @@ def compare_decoders(model, tokenizer, items: Sequence[TruthfulQAItem], configs:
         return outs, time.perf_counter() - t0
 
     L = resolve_lens(model, "normed").n_layers
+    generate(model, tokenizer, prompts[:1], decoding="vanilla", repetition_penalty=1.0, max_new_tokens=2,
+             stop=ENTROPY_STOP)  # warm-up; computes the primer's cache that every run then shares
     greedy, t_greedy = run("vanilla", {})
     g_tokens = sum(len(o.token_ids) for o in greedy)
     rows = [{"name": "greedy", "settings": {}, "tokens_per_s": g_tokens / t_greedy, "mean_layers": float(L),
+             "tokens_per_answer": g_tokens / max(len(items), 1),
              "token_agreement": 1.0, "identical": 1.0, "rouge_l": 1.0, "n_tokens": g_tokens}]
     for cfg in configs:
         outs, dt = run("early-exit", cfg)
@@ -478,9 +494,12 @@ def compare_decoders(model, tokenizer, items: Sequence[TruthfulQAItem], configs:
         n_tok = sum(len(o.token_ids) for o in outs)
         rouge = rouge_l([o.text.strip() or "." for o in outs], [g.text.strip() or "." for g in greedy])
         rows.append({"name": "early-exit", "settings": dict(cfg), "tokens_per_s": n_tok / dt,
+                     "tokens_per_answer": n_tok / max(len(items), 1),
                      "mean_layers": float(np.mean(exits)) if exits else None,
                      "token_agreement": float(np.mean(agree)),
                      "identical": float(np.mean([o.token_ids == g.token_ids for o, g in zip(outs, greedy)])),
                      "rouge_l": float(np.mean(rouge)), "n_tokens": n_tok})
     return {"n_questions": len(items), "max_new_tokens": max_new_tokens, "rows": rows,
-            "note": "batch 1; token agreement position by position over greedy's tokens; tokens/s on this machine"}
+            "note": "token agreement position by position over greedy's tokens; answers differ in length, so "
+                    "tokens/s (this machine, prefill included) is no speed comparison: bench/exit.py times equal "
+                    "lengths"}
