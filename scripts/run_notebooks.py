@@ -89,8 +89,14 @@ def run_notebook(path: Path, output: Path, parameters: dict, cwd: Path = REPO, t
     kw = {}
     if progress:
         kw = dict(engine_name=_engine(), label=label or Path(path).name, stdout_file=sys.stdout, stderr_file=sys.stderr)
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    # a committed notebook keeps the parameters of the run that executed it: drop them, so that a run which
+    # injects nothing (its parameters are the defaults) runs on the defaults, not on the last run's values
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     with atomic_path(output, suffix=".ipynb") as tmp:
-        pm.execute_notebook(str(path), str(tmp), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+        pm.execute_notebook(nb, str(tmp), parameters=parameters, cwd=str(cwd), kernel_name="python3",
                             progress_bar=False, request_save_on_cell_execute=False, execution_timeout=timeout, **kw)
         _relative_paths(tmp, path, output, cwd)
 

@@ -5,8 +5,9 @@ The multi-process tests start ``accelerate launch --multi_gpu --num_processes 2`
 machine without CUDA :mod:`earlyexit.core.parallel` runs the group on CPU over gloo — accelerate 1.15's
 ``--cpu`` flag would start a single process) on a tiny model saved to a folder: two launches in all (MC and
 generation, the entropy study's answers and the probe features in one, the killed worker in the other), each
-the start of three Python processes, not a model's compute. The numbers are identical at the same number of
-threads per process (1 in the workers and in the references: with 2 threads a long reduction, e.g. the probe
+the start of three Python processes, not a model's compute; the first also runs the early-exit analysis's
+tokens and a few steps of tuned-lens training with its evaluation. The numbers are identical (the tuned
+lens's training: equal to float rounding) at the same number of threads per process (1 in the workers and in the references: with 2 threads a long reduction, e.g. the probe
 features' folded projection or SmolLM2's products, rounds differently, see bench/scale.py).
 """
 from __future__ import annotations
@@ -57,6 +58,12 @@ def test_single_process_needs_no_launcher():
     res, info = parallel.map_items(lambda part: [x + 1 for x in part], [5, 6, 7], ids=["a", "b", "c"])
     assert res == [6, 7, 8] and info.as_meta() == {"num_processes": 1, "sharding": "contiguous", "unit": 1,
                                                     "indices": [["a", "b", "c"]]}
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, 3.0])
+    t = torch.tensor([2.0])
+    parallel.average_gradients([p], weight=5)
+    parallel.reduce_sum([t])
+    assert p.grad.tolist() == [1.0, 3.0] and t.tolist() == [2.0]  # no-ops: one process holds every item
 
 
 # --- real processes ---------------------------------------------------------------------------------
@@ -116,7 +123,9 @@ GEN_ARGS = ["truthfulqa", "generate", "--decoding", "dola", "--limit", "4", "--b
 @pytest.fixture(scope="module")
 def two_processes(tiny_folder, tmp_path_factory):
     """MC on 6 questions and DoLa answers to 4, by one process (in this one) and by two launched processes
-    (both commands in one launch: tests/_cli_sequence.py runs each as ``-m earlyexit`` would)."""
+    (both commands in one launch: tests/_cli_sequence.py runs each as ``-m earlyexit`` would), then the
+    studies (entropy answers, probe features, exit tokens, tuned lens) in the same launch; their one-process
+    references are computed by the tests below."""
     tmp = tmp_path_factory.mktemp("two")
     files = {k: {n: tmp / f"{k}{n}.json" for n in (1, 2)} for k in ("mc", "gen")}
     mc = MC_ARGS + ["--model", tiny_folder]
@@ -124,6 +133,7 @@ def two_processes(tiny_folder, tmp_path_factory):
     _one_process(mc + ["--out", str(files["mc"][1])])
     _one_process(gen + ["--out", str(files["gen"][1])])
     files["studies"] = {2: tmp / "studies2.pt"}
+    files["cache"] = {2: tmp / "cache2"}
     run = _launch([str(REPO / "tests" / "_cli_sequence.py"), *mc, "--out", str(files["mc"][2]), ":::",
                    *gen, "--out", str(files["gen"][2]), ":::", "studies", tiny_folder, str(files["studies"][2]),
                    str(tmp / "cache2")], tmp)
@@ -178,6 +188,77 @@ def test_entropy_answers_and_probe_features_on_two_processes_are_identical(two_p
     for k in ("hidden", "lens", "top1", "word_logprobs", "labels"):
         assert np.array_equal(getattr(f, k), getattr(feats, k)), k
     assert f.stats["parallel"]["indices"] == [[0, 1, 2, 3], [4, 5, 6, 7]] and f.stats["misses"] == 2
+
+
+def _same_tokens(a, b) -> None:
+    import numpy as np
+
+    for k in ("indices", "n_tokens", "answer", "position", "agree", "prob", "margin", "entropy"):
+        assert np.array_equal(getattr(a, k), getattr(b, k)), k
+    assert a.texts == b.texts and a.layers == b.layers and a.lens == b.lens
+
+
+def test_exit_analysis_tokens_on_two_processes_are_identical(two_processes, tiny_folder):
+    from _cli_sequence import exit_tokens
+    from earlyexit.core.models import load_model
+
+    files, _ = two_processes
+    got = torch.load(files["studies"][2], weights_only=False)["exit"]
+    model, tok = load_model(tiny_folder)
+    with _one_thread():
+        ref = exit_tokens(model, tok, False)
+    _same_tokens(got, ref)  # every reading of every token of every answer, in question order
+    assert ref.parallel is None and got.parallel["num_processes"] == 2 and got.parallel["unit"] == 2
+    assert got.parallel["indices"] == [[0, 1, 2, 3], [4]]  # whole chunks of 2 questions: 2 + 1 chunks
+    assert len(list((files["cache"][2] / "exit").glob("tokens-*.npz"))) == 3  # each process wrote its chunks
+    _same_tokens(exit_tokens(model, tok, files["cache"][2] / "exit"), ref)  # read back: keys and contents valid
+
+
+def test_tuned_lens_training_on_two_processes_matches_one(two_processes, tiny_folder):
+    """3 SGD steps after a least-squares start, each step's 3 windows split 2 + 1 over the processes.
+
+    Tolerance: every translator entry within 1e-7 of one process's (absolute; the entries reach 0.34, whose
+    float32 spacing is 3e-8, and the three steps move them by 1e-4 to 3e-3, at least 1000 times more); the
+    logged KL within 1e-6 nats. Not exact, because the all-reduce adds the processes' float32 gradients in
+    another order than one process accumulates its batches, and each process's mean over its own rows is
+    reweighted (× rows / total): float32 rounding, ~1e-7 relative per gradient entry, which the steps
+    (lr 0.1) carry into the weights — measured ≤ 2e-9. The KL is a difference of terms of size log V ≈ 11,
+    so its float32 rounding is ~1e-6 absolute (measured 3e-8). The forward batches are the ones a single
+    process runs here, the least-squares start differs only by float64 summation order, and the
+    evaluation, sharded in whole batches, is identical."""
+    import numpy as np
+
+    from _cli_sequence import LENS_SETTINGS, LENS_TEXTS, lens_evals, train_lens
+    from earlyexit.core.models import load_model
+    from earlyexit.core.tuned_lens import METRICS, TrainSettings, TunedLens, train_tuned_lens
+
+    files, _ = two_processes
+    got = torch.load(files["studies"][2], weights_only=False)
+    model, tok = load_model(tiny_folder)
+    two = TunedLens.load(files["cache"][2] / "lens", model)  # written by the main process alone
+    with _one_thread():
+        one, log = train_lens(model, tok)
+        start = train_tuned_lens(model, tok, TrainSettings(**{**LENS_SETTINGS, "lr_scale": 0.0}), texts=LENS_TEXTS,
+                                 progress=False)  # the least-squares start alone (steps of lr 0)
+    a, b = one.layer_translators.state_dict(), two.layer_translators.state_dict()
+    s0 = start.layer_translators.state_dict()
+    for k in a:
+        assert float((a[k] - b[k]).abs().max()) <= 1e-7, k
+        assert float((a[k] - s0[k]).abs().max()) >= 1e-5, k  # the steps moved every translator (100× that)
+    assert [r["step"] for r in got["lens_log"]] == [r["step"] for r in log] == [0, 1, 2, 3]
+    np.testing.assert_allclose([r["kl"] for r in got["lens_log"][1:]], [r["kl"] for r in log[1:]], rtol=0, atol=1e-6)
+    t1, t2 = one.meta["trained"], two.meta["trained"]
+    assert t1["num_processes"] == 1 and "parallel" not in t1
+    assert t2["num_processes"] == 2 and t2["parallel"]["indices"] == [[0, 1], [2]]  # positions in each step
+    assert t2["parallel"]["init_indices"] == [[0, 1, 2, 3], [4]]  # the least-squares windows, whole batches
+    assert t2["settings"] == t1["settings"] and not got["checkpoint_left"]  # the main process removed it
+    # weighted by each process's items (an empty shard: weight 0, no gradient); plain mean; none anywhere
+    assert got["grads"] == [([1.0, 2.0, 3.0], [0.5], True)] * 2
+    with _one_thread():
+        ref = lens_evals(model, tok, two)
+    for name, ev in got["evals"].items():
+        for m in METRICS:
+            assert np.array_equal(getattr(ev, m), getattr(ref[name], m)), (name, m)
 
 
 def test_a_killed_worker_leaves_no_result_file(tiny_folder, tmp_path):

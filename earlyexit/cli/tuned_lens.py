@@ -2,6 +2,11 @@
 
     earlyexit tuned-lens train --model smollm2-135m --tokens 131072 --out lenses/smollm2-135m
     earlyexit tuned-lens eval --model smollm2-135m [--lens-dir DIR] [--limit 8] [--json OUT]
+
+Both run data parallel under ``accelerate launch --num_processes N -m earlyexit tuned-lens ...``: training
+splits every step's windows over the processes and all-reduces the gradients, evaluation shards the
+held-out windows (see :func:`earlyexit.core.tuned_lens.train_tuned_lens`); the main process alone writes
+the lens and the JSON, and prints.
 """
 from __future__ import annotations
 
@@ -89,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from earlyexit.core import parallel
     from earlyexit.core.lenses import resolve_lens
     from earlyexit.core.models import load_model
     from earlyexit.core.tuned_lens import (evaluate_lenses, heldout_windows, set_tuned_lens, store_dir,
@@ -100,26 +106,32 @@ def _train(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
-    if args.no_resume and checkpoint.exists():
+    main = parallel.is_main_process()  # under accelerate launch: the one that writes and prints
+    if args.no_resume and checkpoint.exists() and main:
         checkpoint.unlink()
+    parallel.barrier()  # nobody reads the checkpoint before it is gone
     lens = train_tuned_lens(model, tok, s, checkpoint=checkpoint, progress=True)
     if args.eval_windows > 0:
         windows = heldout_windows(tok, seq_len=min(s.seq_len, 512), limit=args.eval_windows)
         evals = evaluate_lenses(model, {"logit": resolve_lens(model, "normed"), "tuned": lens}, windows)
         lens.meta["heldout"] = {n: ev.to_dict() for n, ev in evals.items()}
-        print(_table(evals))
-    lens.save(out)
-    print(f"tuned lens: wrote {out}")
+        if main:
+            print(_table(evals))
+    lens.save(out)  # writes on the main process only
+    if main:
+        print(f"tuned lens: wrote {out}")
     if not args.no_store:
         lens.save(store_dir(model))
         set_tuned_lens(model, lens)
-        print(f"tuned lens: it is now {args.model}'s cached tuned lens ({store_dir(model)})")
+        if main:
+            print(f"tuned lens: it is now {args.model}'s cached tuned lens ({store_dir(model)})")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from earlyexit.core import parallel
     from earlyexit.core.atomic import write_json
     from earlyexit.core.lenses import resolve_lens
     from earlyexit.core.meta import run_metadata
@@ -134,6 +146,8 @@ def _eval(args: argparse.Namespace) -> int:
     lens = TunedLens.load(args.lens_dir, model) if args.lens_dir else tuned_lens_for(model, tok, train=False)
     windows = heldout_windows(tok, seq_len=args.seq_len, limit=args.limit)
     evals = evaluate_lenses(model, {"logit": resolve_lens(model, "normed"), "tuned": lens}, windows, progress=True)
+    if not parallel.is_main_process():  # the windows were sharded and gathered: the main process reports
+        return 0
     print(_table(evals))
     if args.json:
         doc = {"meta": run_metadata(model, n=int(windows.shape[0]), seq_len=args.seq_len,

@@ -1,10 +1,13 @@
 """Data parallelism over processes with ``accelerate``, and the devices of a sharded (dispatched) model.
 
-A long job (TruthfulQA MC and open-ended generation, the entropy study's answers, probe features) runs
-its items on every process of an ``accelerate launch`` group — each process takes its *shard*, results
-are gathered in item order, and only the main process writes the results file (atomically, through
-:meth:`~earlyexit.core.results.ResultFile.save`, which writes on the main process only). Without a
-launcher everything here is a no-op: one process, nothing imported from ``accelerate``, the same code path.
+A long job (TruthfulQA MC and open-ended generation, the entropy study's answers, probe features, the
+early-exit analysis's tokens, the tuned lens's evaluation) runs its items on every process of an
+``accelerate launch`` group — each process takes its *shard*, results are gathered in item order, and only
+the main process writes the results file (atomically, through
+:meth:`~earlyexit.core.results.ResultFile.save`, which writes on the main process only). A training loop (the
+tuned lens) splits each step's data instead and adds the gradients (:func:`average_gradients`, weighted by
+each process's items) or other sums (:func:`reduce_sum`). Without a launcher everything here is a no-op: one
+process, nothing imported from ``accelerate``, the same code path.
 
 Launch (the process group comes from accelerate's launcher; nothing here starts processes)::
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Literal, Sequence, TypeVar
 
 import torch
 
@@ -133,18 +136,59 @@ def broadcast(obj: T) -> T:
     return broadcast_object_list([obj if is_main_process() else None])[0]
 
 
-def average_gradients(parameters) -> None:
-    """All-reduce (mean) the ``.grad`` of ``parameters`` over the group, in place — for a training loop
-    whose processes each see a shard of the data (the tuned lens). A no-op in a single process."""
+def reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum each tensor (any shape and floating or integer type) over the group, in place, so that every
+    process holds the same total (``all_reduce``; over NCCL a CPU tensor travels through this process's GPU).
+    For sums of statistics over sharded data: a least-squares fit's Gram matrices, a training step's KL.
+    A no-op in a single process."""
     if state() is None:
         return
     import torch.distributed as dist
 
-    K = num_processes()
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(K)
+    comm = device() if dist.get_backend() == "nccl" else None
+    for t in tensors:
+        if comm is not None and t.device != comm:
+            buf = t.to(comm)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            t.copy_(buf)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def average_gradients(parameters: Iterable[torch.Tensor], weight: float | None = None) -> None:
+    """Average the ``.grad`` of ``parameters`` over the group, in place — for a training loop whose processes
+    each see a shard of the data (the tuned lens). A no-op in a single process.
+
+    Each process's gradient is taken as its mean over its own ``weight`` items (rows, tokens); afterwards
+    every process holds the mean over all of them, ``Σ_k w_k·g_k / Σ_k w_k`` — one process's full-batch
+    gradient up to float rounding, also when the shards are unequal. ``weight=None``: equal weights (the
+    plain mean over processes). A process with an empty shard passes ``weight=0`` (its gradients may be
+    ``None``); a parameter without a gradient on this process counts as zero here, one without a gradient on
+    any process keeps ``None``. Every process must call it, with the same parameters in the same order."""
+    params = list(parameters)
+    if state() is None:
+        return
+    w = 1.0 if weight is None else float(weight)
+    if w < 0 or not w == w:
+        raise ValueError(f"weight must be ≥ 0 (the items behind this process's gradient), got {weight}")
+    # one small reduction first: the total weight, and which parameters have a gradient anywhere
+    flags = torch.tensor([w] + [float(p.grad is not None) for p in params], dtype=torch.float64)
+    reduce_sum([flags])
+    total = float(flags[0])
+    if total <= 0:
+        raise ValueError("average_gradients: every process passed weight 0 (no items anywhere)")
+    grads = []
+    for p, anywhere in zip(params, flags[1:].tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif weight is not None:
+            p.grad.mul_(w)
+        grads.append(p.grad)
+    reduce_sum(grads)
+    for g in grads:
+        g.div_(total)
 
 
 # --- sharding -----------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ class LayerStack:
         """Run ``layers`` (default all, in order) on new positions ``start..start+n-1``: from token ``ids``
         ``[1, n]`` (embedded here) or from hidden states ``h`` ``[1, n, d]``. Returns the last layer's output."""
         layers = list(range(self.L)) if layers is None else list(layers)
-        dev = self.unembed.head.weight.device
+        dev = self.unembed.device
         n = ids.shape[1] if h is None else h.shape[1]
         pos = self.positions(start, n, dev)
         if h is None:

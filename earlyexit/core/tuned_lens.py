@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from earlyexit.core import store
+from earlyexit.core import parallel, store
 from earlyexit.core.atomic import atomic_path, write_json
 from earlyexit.core.lenses import Lens, check_entries, get_unembed
 from earlyexit.core.unembed import Unembed
@@ -99,7 +99,7 @@ class TunedLens(Lens):
                              f"{config.d_model}; this model has {L} layers of width {d}.")
         self.config = config
         self.meta: dict = dict(meta or {})
-        dev = unembed.head.weight.device
+        dev = unembed.device
         self.layer_translators = nn.ModuleList(
             [nn.Linear(d, d, bias=config.bias, device=dev, dtype=torch.float32) for _ in range(L)])
         with torch.no_grad():
@@ -144,8 +144,12 @@ class TunedLens(Lens):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``config.json``, ``params.pt`` and ``earlyexit.json`` into folder ``path`` (each file
         atomically; ``earlyexit.json``, written last, holds the checksum of ``params.pt``, so a folder
-        left half-written is detected on load)."""
+        left half-written is detected on load). In an ``accelerate launch`` group only the main process
+        writes (every process holds the same lens after :func:`train_tuned_lens`); the others return
+        ``path`` at once."""
         path = Path(path)
+        if not parallel.is_main_process():
+            return path
         path.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu().clone() for k, v in self.layer_translators.state_dict().items()}, buf)
@@ -455,20 +459,27 @@ def fit_least_squares(model, lens: TunedLens, windows: np.ndarray, *, ridge: flo
     direction of the residual stream that enters the final norm (``y / rms(y)``, captured by a hook).
     Each token costs one model forward and ``L`` accumulations of a ``(d+1)²`` matrix, a few hundredths
     of a KL step; the result starts KL training far below the logit lens. ``ridge`` (relative to the
-    mean diagonal) pulls toward the identity."""
+    mean diagonal) pulls toward the identity.
+
+    ``windows`` ``[n, T]``. In an ``accelerate launch`` group (every process calls it) each process
+    accumulates its shard of the windows, in whole batches of ``batch`` (so every batch is the one a
+    single process would run), and the float64 sums are added over the processes
+    (:func:`earlyexit.core.parallel.reduce_sum`) before the solve: the same fit up to float64 rounding."""
     from tqdm.auto import tqdm
 
     unembed = lens.unembed
     L, d = unembed.n_layers, unembed.hidden_size
-    dev = unembed.head.weight.device
+    dev = unembed.device
     G = torch.zeros(L, d + 1, d + 1, dtype=torch.float64, device=dev)
     C = torch.zeros(L, d + 1, d, dtype=torch.float64, device=dev)
     captured: dict[str, Tensor] = {}
     handle = unembed.final_norm.register_forward_pre_hook(lambda mod, args: captured.__setitem__("y", args[0]))
+    mine = parallel.shard_indices(len(windows), unit=batch)
     try:
-        for b in tqdm(range(0, len(windows), batch), desc="tuned lens (least squares)", disable=not progress):
+        for b in tqdm(range(0, len(mine), batch), desc="tuned lens (least squares)",
+                      disable=not progress or not parallel.is_main_process()):
             captured.clear()
-            hs = hidden_states(model, torch.as_tensor(windows[b:b + batch], device=dev))
+            hs = hidden_states(model, torch.as_tensor(windows[mine[b:b + batch]], device=dev))
             if "y" not in captured:
                 raise RuntimeError("The model's final norm was not called in its forward: cannot fit the translators.")
             y = captured["y"].reshape(-1, d).float()
@@ -482,6 +493,7 @@ def fit_least_squares(model, lens: TunedLens, windows: np.ndarray, *, ridge: flo
             del hs, captured["y"]
     finally:
         handle.remove()
+    parallel.reduce_sum([G, C])
     eye = torch.eye(d + 1, dtype=torch.float64, device=dev)
     for layer, t in enumerate(lens.layer_translators):
         g = G[layer]
@@ -517,6 +529,17 @@ def train_tuned_lens(
     state to (atomically, every ``checkpoint_every`` steps) and to resume from when it matches the model
     and settings; it is removed at the end. ``log``: a list to append ``{"step", "tokens", "kl",
     "seconds"}`` to after each step (``kl`` = mean training KL over entries).
+
+    Data parallel under ``accelerate launch`` (every process calls it with the same arguments): each
+    step's ``windows_per_step`` windows are split over the processes (contiguous, :func:`parallel.assignment`;
+    process k runs its share in batches of ``batch``), each process's gradient is its mean over its own
+    rows and :func:`parallel.average_gradients` weights it by them, so that every process steps with one
+    process's full-batch gradient (up to float rounding: the sums are added in another order and the
+    forward batches may be composed differently) and the translators stay identical on every process; the
+    step's KL is summed over the processes. The least-squares start is sharded too
+    (:func:`fit_least_squares`). Only the main process writes the checkpoint (and removes it);
+    ``meta["trained"]`` records ``num_processes`` and, for several, ``parallel``: which positions of every
+    step's windows each process ran. One process runs exactly as without a launcher.
     """
     from tqdm.auto import tqdm
 
@@ -534,7 +557,7 @@ def train_tuned_lens(
                          f"{need} windows of {s.seq_len} tokens ({need * s.seq_len:,} tokens); it has "
                          f"{len(windows)} ({have:,} tokens). Lower tokens or give more text.")
     order = np.random.default_rng(s.seed).permutation(len(windows))[:need]
-    dev = unembed.head.weight.device
+    dev = unembed.device
     torch.manual_seed(s.seed)
     params = lens.translator_parameters()
     opt = _make_optimizer(params, s)
@@ -551,6 +574,13 @@ def train_tuned_lens(
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
             start, history = saved["step"], saved["history"]
+    K = parallel.num_processes()
+    main = parallel.is_main_process()
+    if K > 1:  # every process read the checkpoint (before anyone writes it again): they must agree
+        starts = parallel.gather(start)
+        if len(set(starts)) > 1:
+            raise RuntimeError(f"The processes resumed from different checkpoint steps {starts} ({checkpoint}): "
+                               "rerun with --no-resume, or remove the checkpoint.")
     if n_init and start == 0 and not history:
         t_init = time.perf_counter()
         fit_least_squares(model, lens, windows[order[:n_init]], batch=s.batch, progress=progress)
@@ -558,7 +588,7 @@ def train_tuned_lens(
                         "kl_per_layer": [], "seconds": time.perf_counter() - t_init})
         if log is not None:
             log.append(history[-1])
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             store.write_object(checkpoint, ck_key, {
                 "translators": lens.layer_translators.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": 0, "history": history})
@@ -567,13 +597,16 @@ def train_tuned_lens(
     fast = _fast_path(unembed)
     rows_per_chunk = chunk_rows(unembed.vocab_size, chunk_bytes)
     t0 = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
-    bar = tqdm(total=s.steps, initial=start, desc="tuned lens", unit="step", disable=not progress)
+    bar = tqdm(total=s.steps, initial=start, desc="tuned lens", unit="step", disable=not progress or not main)
+    plan = parallel.assignment(s.windows_per_step)  # positions of each step's windows, per process
+    mine = plan[parallel.process_index()]
     with frozen(model):
         lens.train()
         for step in range(start, s.steps):
             kl_sum = torch.zeros(L, dtype=torch.float64)
-            idx = order[step * s.windows_per_step:(step + 1) * s.windows_per_step]
-            n_rows = len(idx) * s.seq_len
+            idx = order[step * s.windows_per_step:(step + 1) * s.windows_per_step][mine]
+            n_rows = s.windows_per_step * s.seq_len  # the step's rows, over every process
+            n_mine = len(idx) * s.seq_len  # this process's: its gradient is the mean over them
             for b in range(0, len(idx), s.batch):
                 ids = torch.as_tensor(windows[idx[b:b + s.batch]], device=dev)
                 hs = hidden_states(model, ids)
@@ -586,10 +619,12 @@ def train_tuned_lens(
                         z = unembed.final_norm(lens.transform_hidden(flat[layer][r0:r1], layer))
                         with torch.no_grad():
                             dz, kl = _kl_grad(z, target, unembed, weight)
-                        z.backward(dz.div_(n_rows))
+                        z.backward(dz.div_(n_mine))
                         kl_sum[layer] += float(kl.sum())
                     del target
                 del hs, flat
+            parallel.average_gradients(params, weight=n_mine)  # → the mean over the step's n_rows rows
+            parallel.reduce_sum([kl_sum])
             if s.clip:
                 torch.nn.utils.clip_grad_norm_(params, s.clip)
             opt.step()
@@ -603,18 +638,23 @@ def train_tuned_lens(
                 log.append(history[-1])
             bar.update(1)
             bar.set_postfix(kl=f"{history[-1]['kl']:.3f}")
-            if checkpoint is not None and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+            if checkpoint is not None and main and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
                 store.write_object(checkpoint, ck_key, {
                     "translators": lens.layer_translators.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": step + 1, "history": history})
         lens.eval()
     bar.close()
-    if checkpoint is not None and Path(checkpoint).exists():
+    if checkpoint is not None and main and Path(checkpoint).exists():
         Path(checkpoint).unlink()
-    lens.meta.update({"model_fingerprint": fp, "trained": {
-        "settings": asdict(s), "corpus": "texts" if texts is not None else _corpus_name(),
-        "seconds": history[-1]["seconds"] if history else 0.0, "final_train_kl": history[-1]["kl"] if history else None,
-        "threads": torch.get_num_threads()}})
+    trained = {"settings": asdict(s), "corpus": "texts" if texts is not None else _corpus_name(),
+               "seconds": history[-1]["seconds"] if history else 0.0,
+               "final_train_kl": history[-1]["kl"] if history else None,
+               "threads": torch.get_num_threads(), "num_processes": K}
+    if K > 1:  # indices[k]: the positions (0..windows_per_step−1) of every step's windows process k ran
+        trained["parallel"] = {**parallel.ParallelInfo(K, "contiguous", 1, plan).as_meta(),
+                               "indices_of": "each step's windows", "init_indices": parallel.assignment(
+                                   n_init, unit=s.batch) if n_init else None}
+    lens.meta.update({"model_fingerprint": fp, "trained": trained})
     return lens
 
 
@@ -670,7 +710,12 @@ def evaluate_lenses(model, lenses: dict[str, Lens] | Sequence[Lens], windows: np
     """Evaluate each lens on token ``windows`` ``[n, T]`` (e.g. ``text_windows(tok, "heldout", seq_len=…)``).
 
     One model forward per batch serves every lens; the metrics are formed per entry in row chunks of
-    float32 logits (never entries × positions × vocabulary)."""
+    float32 logits (never entries × positions × vocabulary).
+
+    In an ``accelerate launch`` group (every process calls it) the windows are sharded in whole batches of
+    ``batch`` (:func:`earlyexit.core.parallel.map_items`), so every process runs exactly the batches one
+    process would, and the per-window rows are gathered in window order: every process returns the
+    numbers one process would, identical."""
     from tqdm.auto import tqdm
 
     if not isinstance(lenses, dict):
@@ -685,32 +730,42 @@ def evaluate_lenses(model, lenses: dict[str, Lens] | Sequence[Lens], windows: np
     entries = check_entries(L, list(layers) if layers is not None else None)
     n, T = windows.shape
     P = T - 1
-    sums = {name: {m: np.zeros((n, len(entries))) for m in METRICS} for name in lenses}
+    names = list(lenses)
     rows = chunk_rows(V, chunk_bytes)
-    dev = unembed.head.weight.device
-    for b in tqdm(range(0, n, batch), desc="evaluate", disable=not progress):
-        ids = torch.as_tensor(windows[b:b + batch], device=dev)
-        B = ids.shape[0]
-        hs = hidden_states(model, ids)
-        flat = [h[:, :P].reshape(-1, h.shape[-1]) for h in hs]  # positions 0..T−2 (they have a next token)
-        nxt = ids[:, 1:].reshape(-1)
-        win = torch.arange(B, device=dev).repeat_interleave(P)
-        for r0 in range(0, B * P, rows):
-            r1 = min(B * P, r0 + rows)
-            logp_f, p_f = _final_logprobs(unembed, flat[L][r0:r1])
-            top_f = logp_f.argmax(-1)
-            neg_h_f = (p_f * logp_f).sum(-1)
-            del logp_f
-            w = win[r0:r1].cpu().numpy()
-            for name, lens in lenses.items():
-                for j, e in enumerate(entries):
-                    st = _row_stats(lens.logits(flat[e][r0:r1][None], [e])[0], p_f, neg_h_f, nxt[r0:r1])
-                    st["top1"] = (st.pop("argmax") == top_f).double()
-                    for m, v in st.items():
-                        np.add.at(sums[name][m][:, j], b + w, v.double().cpu().numpy())
-        del hs, flat
+    dev = unembed.device
+
+    def run(mine: list[int]) -> list[np.ndarray]:
+        """Per-window sums ``[lenses, METRICS, E]`` (float64) of this process's windows ``mine`` (whole batches)."""
+        sums = np.zeros((len(mine), len(names), len(METRICS), len(entries)))
+        for b in tqdm(range(0, len(mine), batch), desc="evaluate",
+                      disable=not progress or not parallel.is_main_process()):
+            ids = torch.as_tensor(windows[mine[b:b + batch]], device=dev)
+            B = ids.shape[0]
+            hs = hidden_states(model, ids)
+            flat = [h[:, :P].reshape(-1, h.shape[-1]) for h in hs]  # positions 0..T−2 (they have a next token)
+            nxt = ids[:, 1:].reshape(-1)
+            win = torch.arange(B, device=dev).repeat_interleave(P)
+            for r0 in range(0, B * P, rows):
+                r1 = min(B * P, r0 + rows)
+                logp_f, p_f = _final_logprobs(unembed, flat[L][r0:r1])
+                top_f = logp_f.argmax(-1)
+                neg_h_f = (p_f * logp_f).sum(-1)
+                del logp_f
+                w = win[r0:r1].cpu().numpy()
+                for i, lens in enumerate(lenses.values()):
+                    for j, e in enumerate(entries):
+                        st = _row_stats(lens.logits(flat[e][r0:r1][None], [e])[0], p_f, neg_h_f, nxt[r0:r1])
+                        st["top1"] = (st.pop("argmax") == top_f).double()
+                        for k, m in enumerate(METRICS):
+                            np.add.at(sums[:, i, k, j], b + w, st[m].double().cpu().numpy())
+            del hs, flat
+        return list(sums)
+
+    per_window, _ = parallel.map_items(run, range(n), unit=batch)
+    sums = np.stack(per_window) / P  # [n, lenses, METRICS, E]
     return {name: LensEval(lens=name, layers=entries, tokens=n * P,
-                           **{m: sums[name][m] / P for m in METRICS}) for name, lens in lenses.items()}
+                           **{m: np.ascontiguousarray(sums[:, i, k]) for k, m in enumerate(METRICS)})
+            for i, name in enumerate(names)}
 
 
 def _row_stats(logits: Tensor, p_f: Tensor, neg_h_f: Tensor, nxt: Tensor) -> dict[str, Tensor]:

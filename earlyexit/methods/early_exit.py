@@ -541,7 +541,7 @@ class CostModel:
     def measure(cls, model, k: int, context: int = 256, repeats: int = 5) -> "CostModel":
         """Time the parts on this machine (median of ``repeats``), on a cache of ``context`` positions."""
         stack = get_stack(model)
-        dev = stack.unembed.head.weight.device
+        dev = stack.unembed.device
         ids = torch.arange(context, device=dev)[None] % stack.unembed.vocab_size
         with torch.inference_mode():
             cache = model(input_ids=ids, use_cache=True).past_key_values
@@ -619,7 +619,7 @@ def calibrate(model, calibration: Sequence[Sequence[int]] | None = None,
     key = (id(model), tuple(tuple(p) for p in prompts), new_tokens)
     if key in _CALIBRATIONS:
         return _CALIBRATIONS[key]
-    dev = get_unembed(model).head.weight.device
+    dev = get_unembed(model).device
     greedy = make_scorer(model, "vanilla")
     conts, caches, hidden = [], [], []
     with torch.inference_mode():

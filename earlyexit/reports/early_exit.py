@@ -39,10 +39,11 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     llm, tok = load_model(model)
     usable, skipped = xa.available_lenses(llm, lenses)
     per_lens: dict[str, Any] = {}
-    labels = scores = None
+    labels = scores = parallel = None
     for name in usable:
         tokens = xa.collect_tokens(llm, tok, items, lens=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    cache_dir=cache_dir, progress=progress)
+        parallel = parallel or tokens.parallel  # the questions each process answered (the same for every lens)
         if scores is None:  # greedy answers do not depend on the lens: score them once
             scores = score_answers(tokens.texts, items, scorer=scorer)
             labels = {m: label_answers(scores, m, threshold) for m in LABEL_METHODS}
@@ -63,7 +64,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
                 "calibration_split": "half of the questions (seeded), thresholds reported on the other half"}
     payload = {"n": len(items), "lenses": per_lens, "decoders": decoders, "parameters": parameters,
                "labels": {m: [None if not np.isfinite(v) else int(v) for v in lab] for m, lab in (labels or {}).items()}}
-    return ExitResults(meta=run_metadata(llm, len(items), data=items, **settings), payload=payload)
+    return ExitResults(meta=run_metadata(llm, len(items), data=items, parallel=parallel, **settings), payload=payload)
 
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",

@@ -30,7 +30,7 @@ state, which the simulation does not see, and pays the head at every checked ent
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +58,9 @@ class ExitTokens:
     Per answer ``[N]``: indices (TruthfulQA rows), texts, n_tokens. Per token ``[T]``: answer (row in
     0..N−1), position (0 = the answer's first token). Per entry and token ``[E, T]``: agree (the lens's
     top-1 is the emitted token), prob (top-1 probability), margin (top-1 − top-2), entropy (nats).
-    layers: the E entries (0..L); lens: its name.
+    layers: the E entries (0..L); lens: its name. parallel: in an ``accelerate launch`` run, how the
+    questions were sharded and which TruthfulQA rows each process answered (for the metadata; not kept by
+    :meth:`concat` or :meth:`subset`).
     """
 
     indices: np.ndarray
@@ -72,6 +74,7 @@ class ExitTokens:
     entropy: np.ndarray
     layers: list[int]
     lens: str
+    parallel: dict | None = field(default=None, compare=False)
 
     @property
     def L(self) -> int:
@@ -158,10 +161,19 @@ _FIELDS = ("indices", "n_tokens", "answer", "position", "agree", "prob", "margin
 def collect_tokens(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens: LensLike = "normed",
                    max_new_tokens: int = ENTROPY_MAX_NEW_TOKENS, batch_size: int = 16, chunk_size: int = 128,
                    cache_dir: str | Path | None | bool = None, progress: bool = False) -> ExitTokens:
-    """Greedy answers to ``items`` and every token's lens readings at every entry (cached on disk per chunk
-    of questions in the store's ``exit`` area, keyed by the weights, lens and settings)."""
+    """Greedy answers to ``items`` (N questions) and every token's lens readings at every entry, as
+    :class:`ExitTokens` (``[N]`` per answer, ``[E, T]`` per entry and token), cached on disk per chunk of
+    questions in the store's ``exit`` area (``cache_dir``: another folder, ``False``: no cache), keyed by
+    the weights, lens and settings.
+
+    In an ``accelerate launch`` group (every process calls it) the main process reads the cache, the
+    chunks still to compute are sharded over the processes in whole chunks
+    (:func:`earlyexit.core.parallel.map_items`, contiguous), each process writes its own chunks' cache
+    files, and the parts are gathered in question order: every process returns the tokens one process
+    would, identical (each chunk runs the same batches), with ``parallel`` saying who answered what."""
     from tqdm.auto import tqdm
 
+    from earlyexit.core import parallel
     from earlyexit.core.generation import generate_with_lens
     from earlyexit.core.models import model_name
     from earlyexit.studies.prompts import truthfulqa_prompt
@@ -174,30 +186,53 @@ def collect_tokens(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens: L
                 "v": CACHE_VERSION}
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else store.area("exit")
     chunk = max(batch_size, chunk_size // batch_size * batch_size)
-    parts = []
-    starts = range(0, len(items), chunk)
-    for start in tqdm(starts, desc="exit chunks", disable=not progress or len(starts) == 1):
-        group = items[start:start + chunk]
+    groups = [items[start:start + chunk] for start in range(0, len(items), chunk)]
+
+    def entry(group) -> tuple[Path | None, str]:
         idx = [it.index for it in group]
         key = store.make_key("exit-tokens", {**settings, "indices": idx})
         path = None if cache is None else \
             cache / f"tokens-{store.slug(settings['model'])}-{lens.name}-{idx[0]}-{idx[-1]}-{key[:16]}.npz"
+        return path, key
+
+    def load(path: Path | None, key: str) -> ExitTokens | None:
         z = store.read_npz(path, key) if path is not None and path.exists() else None
-        if z is not None:
-            parts.append(ExitTokens(z["indices"], [str(t) for t in z["texts"]], z["n_tokens"], z["answer"],
-                                    z["position"], z["agree"], z["prob"], z["margin"], z["entropy"],
-                                    [int(x) for x in z["layers"]], str(z["lens"])))
-            continue
-        gens = generate_with_lens(model, tokenizer, [truthfulqa_prompt(it.question) for it in group],
-                                  max_new_tokens=max_new_tokens, stop=ENTROPY_STOP, layers=None, lens=lens, top_k=2,
-                                  batch_size=batch_size, share_prefix=True, progress=progress)
-        part = _from_generations(gens, group, lens.name)
-        if path is not None:
-            store.write_npz(path, key, {**{k: getattr(part, k) for k in _FIELDS},
-                                        "texts": np.array(part.texts, dtype=str),
-                                        "layers": np.array(part.layers, dtype=int), "lens": np.array(part.lens)})
-        parts.append(part)
-    return ExitTokens.concat(parts)
+        if z is None:
+            return None
+        return ExitTokens(z["indices"], [str(t) for t in z["texts"]], z["n_tokens"], z["answer"], z["position"],
+                          z["agree"], z["prob"], z["margin"], z["entropy"], [int(x) for x in z["layers"]],
+                          str(z["lens"]))
+
+    entries = [entry(g) for g in groups]
+    main = parallel.is_main_process()
+    # the chunks already cached, read on the main process: every process then shards the same rest
+    cached = {j: part for j, e in enumerate(entries) if (part := load(*e)) is not None} if main else None
+    cached = parallel.broadcast(cached)
+    todo = [j for j in range(len(groups)) if j not in cached]
+
+    def run(js: list[int]) -> list[ExitTokens]:
+        out = []
+        for j in tqdm(js, desc="exit chunks", disable=not progress or not main or len(js) <= 1):
+            group = groups[j]
+            gens = generate_with_lens(model, tokenizer, [truthfulqa_prompt(it.question) for it in group],
+                                      max_new_tokens=max_new_tokens, stop=ENTROPY_STOP, layers=None, lens=lens,
+                                      top_k=2, batch_size=batch_size, share_prefix=True, progress=progress and main)
+            part = _from_generations(gens, group, lens.name)
+            path, key = entries[j]
+            if path is not None:
+                store.write_npz(path, key, {**{k: getattr(part, k) for k in _FIELDS},
+                                            "texts": np.array(part.texts, dtype=str),
+                                            "layers": np.array(part.layers, dtype=int), "lens": np.array(part.lens)})
+            out.append(part)
+        return out
+
+    computed, info = parallel.map_items(run, todo)
+    done = dict(zip(todo, computed))
+    tokens = ExitTokens.concat([cached[j] if j in cached else done[j] for j in range(len(groups))])
+    if info.num_processes > 1:
+        tokens.parallel = {**info.as_meta(), "unit": chunk,
+                           "indices": [[it.index for j in js for it in groups[todo[j]]] for js in info.indices]}
+    return tokens
 
 
 # --- settling entries -----------------------------------------------------------------------------
