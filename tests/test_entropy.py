@@ -274,6 +274,36 @@ def test_cli_rejects_bad_input(args, message, tmp_path, capsys, data_dir):
     assert not list(tmp_path.iterdir())
 
 
+
+def test_cli_lens_choice(tmp_path, capsys, data_dir, tokenizer, monkeypatch):
+    import earlyexit.core.models as M
+    import earlyexit.reports.entropy as R
+    from earlyexit.core.tiny import tiny_model
+
+    asked = []
+
+    def fake_compute(model, **kw):  # what the command asks for, without the study
+        asked.append(kw["lens"])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "compute", fake_compute)
+        for args, lens in (([], "normed"), (["--raw"], "raw"), (["--lens", "raw"], "raw"), (["--lens", "tuned"], "tuned")):
+            assert main(["entropy", "--out", str(tmp_path / "o"), *args]) == 130
+    assert asked == ["normed", "raw", "raw", "tuned"]
+    assert main(["entropy", "--raw", "--lens", "tuned", "--out", str(tmp_path / "o")]) == 2
+    assert "--raw is --lens raw" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["entropy", "--lens", "logit", "--out", str(tmp_path / "o")])
+    # no tuned lens stored for a tiny model (not trained on first use): the one line that says what to run
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: (tiny_model("llama"), tokenizer))
+    assert main(["entropy", "--lens", "tuned", "--limit", "2", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("earlyexit entropy: error: No tuned lens") and "earlyexit tuned-lens train" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
 @pytest.mark.slow
 def test_cli_writes_results(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))

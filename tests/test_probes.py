@@ -292,6 +292,14 @@ def test_cli_probes(tiny_llama, tmp_path, monkeypatch):
     assert out["meta"]["n"] == 24 and out["meta"]["settings"]["conditions"] == ["bare"]
     assert out["conditions"]["bare"]["taps"] == [1, 2, 3] and "loto" not in out["conditions"]["bare"]
     assert main(["probes", "--kinds", "logits", "--out", str(tmp_path)]) == 2
+    # --lens: the lens feature of another lens, recorded in the file (and cached apart from the normed one)
+    rc = main(["probes", "--model", "tiny", "--condition", "bare", "--limit", "4", "--no-loto", "--taps", "1,2,3",
+               "--kinds", "lens", "--lens", "raw", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "raw")])
+    raw = json.loads((tmp_path / "raw" / "probes_tiny.json").read_text())
+    assert rc == 0 and raw["parameters"]["lens"] == "raw" and raw["meta"]["settings"]["features"]["lens"] == "raw"
+    with pytest.raises(SystemExit) as bad:  # argparse: the choices named, status 2
+        main(["probes", "--lens", "logit", "--out", str(tmp_path)])
+    assert bad.value.code == 2
 
 
 @pytest.mark.slow

@@ -366,6 +366,74 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
     assert s["n"] == 1 and 0 <= s["bleu"]["estimate"] <= 1
 
 
+
+def _store_tuned_lens(model, seed: int = 1, scale: float = 0.3):
+    """A tuned lens with random (≠ the logit lens) translators, saved where ``premature_lens="tuned"`` reads."""
+    from earlyexit.core.tuned_lens import TunedLens, store_dir
+
+    lens = TunedLens.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lens.translator_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    lens.save(store_dir(model))
+    return lens
+
+
+@pytest.fixture
+def tiny_cli(tokenizer, tmp_path, monkeypatch):
+    """A fresh tiny Llama that ``load_model`` returns, and an empty store of this test's own."""
+    import earlyexit.core.models as M
+    from earlyexit.core.tiny import tiny_model
+
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: (model, tokenizer))
+    return model, tokenizer
+
+
+def test_cli_premature_lens_tuned(tiny_cli, tmp_path, capsys, data_dir):
+    from earlyexit.cli import main
+    from earlyexit.core.tuned_lens import TunedLens, store_dir
+    from earlyexit.studies.data import load_truthfulqa
+
+    model, tok = tiny_cli
+    mc = ["truthfulqa", "mc", "--decoding", "dola", "--dola-layers", "1,3", "--limit", "1"]
+    out = tmp_path / "mc.json"
+    # no tuned lens stored (a tiny model is not trained on first use): the one line that says what to run
+    assert main([*mc, "--premature-lens", "tuned", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("earlyexit truthfulqa mc: error: No tuned lens") and "earlyexit tuned-lens train" in err
+    assert not out.exists()
+    gen = ["truthfulqa", "generate", "--decoding", "dola", "--dola-layers", "1,3", "--limit", "1",
+           "--max-new-tokens", "3", "--premature-lens", "tuned", "--out", str(tmp_path / "gen.json")]
+    assert main(gen) == 2 and "No tuned lens" in capsys.readouterr().err
+    # vanilla reads no premature layer: it needs no tuned lens
+    assert main(["truthfulqa", "mc", "--decoding", "vanilla", "--limit", "1", "--premature-lens", "tuned",
+                 "--out", str(tmp_path / "vanilla.json")]) == 0
+
+    lens = _store_tuned_lens(model)
+    assert main([*mc, "--premature-lens", "tuned", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    s = doc["meta"]["settings"]
+    assert s["premature_lens"] == "tuned" and s["premature_lens_fingerprint"] == lens.fingerprint()
+    items = load_truthfulqa(data_dir, 1)
+    stored = TunedLens.load(store_dir(model), model)
+    want = evaluate(mc_raw(model, tok, items, layers=[1, 3], lens=stored), "dola", candidates=[1, 3])
+    got = doc["decodings"]["dola"]
+    assert got["items"][0]["mc2"] == pytest.approx(want.as_dict()["items"][0]["mc2"], abs=1e-6)
+    assert main([*mc, "--premature-lens", "normed", "--out", str(tmp_path / "normed.json")]) == 0
+    normed = json.loads((tmp_path / "normed.json").read_text())
+    assert "premature_lens_fingerprint" not in normed["meta"]["settings"]
+    assert normed["decodings"]["dola"]["items"][0]["scores_true"] != got["items"][0]["scores_true"]
+
+    assert main(gen) == 0
+    g = json.loads((tmp_path / "gen.json").read_text())
+    assert g["meta"]["settings"]["premature_lens"] == "tuned"
+    assert g["meta"]["settings"]["premature_lens_fingerprint"] == lens.fingerprint()
+    with pytest.raises(SystemExit):  # argparse: not a lens
+        main([*mc, "--premature-lens", "tuned2", "--out", str(out)])
+
 # --- notebook tables ----------------------------------------------------------------------------
 
 def test_report_tables_from_a_synthetic_run():

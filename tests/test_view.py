@@ -190,7 +190,7 @@ def test_cli_html_png_json(tmp_path, smollm2):
     assert table["lens"] == "normed" and table["layers"][-1]["top_tokens"][0] == " Paris"
     assert set(table["lenses"]) == {"normed", "raw"}
     with pytest.raises(SystemExit):  # argparse rejects an unknown lens before loading anything
-        main(["lens", "--prompt", "x", "--lens", "normed,tuned"])
+        main(["lens", "--prompt", "x", "--lens", "normed,bogus"])
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -15,11 +15,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
+
+from earlyexit.core.lenses import LENS_NAMES, lens_record
 
 __all__ = ["parse_layers", "layer_list", "int_at_least", "positive_int", "nonnegative_int", "number",
-           "name_list", "out_file", "out_dir"]
+           "name_list", "out_file", "out_dir", "LENS_CHOICES", "lens_notes", "cli_lens", "lens_record"]
+
+# the lens names every ``--lens`` / ``--premature-lens`` takes: the ones resolve_lens knows, from that one place
+LENS_CHOICES: tuple[str, ...] = LENS_NAMES
 
 
 def _split(text: str) -> list[str]:
@@ -112,3 +121,42 @@ def out_dir(path: str | os.PathLike, *, option: str = "--out",
     from earlyexit.core.checks import check_output_dir
 
     return check_output_dir(path, what=option, files=files)
+
+
+# --- lenses ----------------------------------------------------------------------------------------
+
+# what tuned_lens_for warns before it trains a lens (first use, or a stored one it cannot read)
+_TUNED_NOTES = re.compile(r"(Training the tuned lens|Ignoring the stored tuned lens)")
+
+
+@contextmanager
+def lens_notes() -> Iterator[None]:
+    """Within: the tuned lens's "training it on first use" warnings are printed at once as one plain line
+    on stderr (``earlyexit: note: ...``), before the training starts; other warnings as usual."""
+    from earlyexit.core.parallel import is_main_process
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning  # pytest's or the default; restored on exit
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if _TUNED_NOTES.match(str(message)):
+                if is_main_process():
+                    print(f"earlyexit: note: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.filterwarnings("always", message=_TUNED_NOTES.pattern, category=UserWarning)
+        warnings.showwarning = show
+        yield
+
+
+def cli_lens(model, name: str):
+    """``name`` (one of :data:`LENS_CHOICES`) → the model's lens, as :func:`~earlyexit.core.lenses.resolve_lens`
+    does. For ``"tuned"``: the model's cached or stored tuned lens; for the embedded models, one trained on
+    first use (said on stderr before it starts, see :func:`lens_notes`); else the one-line error that
+    says to run ``earlyexit tuned-lens train`` (exit code 2). Call it right after the model loads, before
+    the work, so that a missing lens fails fast."""
+    from earlyexit.core.lenses import resolve_lens
+
+    with lens_notes():
+        return resolve_lens(model, name)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from earlyexit.cli.common import layer_list, nonnegative_int, out_file, parse_layers, positive_int
+from earlyexit.cli.common import (LENS_CHOICES, cli_lens, layer_list, lens_record, nonnegative_int, out_file,
+                                  parse_layers, positive_int)
 from earlyexit.core.errors import BadInput, OutputPathError
 from earlyexit.core.results import LensTable, write_result
-
-LENS_CHOICES = ("normed", "raw")
 
 
 def parse_lenses(text: str) -> list[str]:
@@ -29,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--raw", action="store_true", help="raw lens: head without the final norm (= --lens raw)")
     p.add_argument("--lens", type=parse_lenses, action="append", default=None, metavar="LENS",
-                   help="lens(es) to compute: normed, raw; repeat or comma-separate for a lens switch in --html "
-                        "(the table, JSON and --png show the first)")
+                   help=f"lens(es) to compute: {', '.join(LENS_CHOICES)} (tuned: the model's stored tuned lens, "
+                        "trained on first use for the embedded models; else `earlyexit tuned-lens train` first); "
+                        "repeat or comma-separate for a lens switch in --html (the table, JSON and --png show the first)")
     p.add_argument("--json", default=None, help="write the table as JSON to this file")
     p.add_argument("--html", default=None, metavar="OUT",
                    help="write the interactive, self-contained lens viewer (tokens × layers) to this file")
@@ -59,6 +59,7 @@ def _run_lens(args: argparse.Namespace) -> int:
     if len({os.path.realpath(v) for _, v in outs}) < len(outs):
         raise OutputPathError(f"{' and '.join(o for o, _ in outs)} name the same file: give each its own.")
     model, tok = load_model(args.model)
+    resolved = {name: cli_lens(model, name) for name in lenses}  # a missing tuned lens fails here, before the work
     if args.html or args.png or args.generate:
         from earlyexit.view import lens_view
 
@@ -82,7 +83,10 @@ def _run_lens(args: argparse.Namespace) -> int:
     lens, rows = next(iter(by_lens.items()))
     if args.json:
         out = {"prompt": args.prompt, "lens": lens,
-               "meta": run_metadata(model, 1, lens=lens, top_k=args.top_k), "layers": rows}
+               "meta": run_metadata(model, 1, **lens_record(resolved[lens]), top_k=args.top_k,
+                                    **({"lenses": {n: lens_record(x) for n, x in resolved.items()}}
+                                       if len(resolved) > 1 else {})),
+               "layers": rows}
         if len(by_lens) > 1:
             out["lenses"] = by_lens
         write_result(args.json, LensTable.KIND, out)

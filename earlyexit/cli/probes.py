@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from earlyexit.cli.common import layer_list, out_dir, positive_int
+from earlyexit.cli.common import LENS_CHOICES, layer_list, out_dir, positive_int
 
 
 def _conditions(text: str) -> list[str]:
@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache (default: ~/.cache/earlyexit/features)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lens", choices=LENS_CHOICES, default="normed",
+                   help="the lens of the 'lens' feature (default normed; tuned: the model's stored tuned lens)")
     p.add_argument("--out", required=True, help="folder for probes_<model>.json")
     p.set_defaults(func=_run_probes)
 
@@ -53,7 +55,8 @@ def _run_probes(args: argparse.Namespace) -> int:
     out_dir(args.out, files=[(ProbesResults.path(args.out, args.model), ProbesResults.KIND)])  # before the model
     res = compute(args.model, limit=args.limit, data_dir=args.data_dir, conditions=args.condition, kinds=kinds,
                   loto=not args.no_loto, loto_kinds=loto_kinds, taps=parse_layers(args.taps),
-                  batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed, progress=True)
+                  batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed, lens=args.lens,
+                      progress=True)
     out = res.save(ProbesResults.path(args.out, args.model))
     from earlyexit.core.parallel import is_main_process
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from earlyexit.cli.common import nonnegative_int, number, out_file, positive_int
+from earlyexit.cli.common import (LENS_CHOICES, cli_lens, lens_record, nonnegative_int, number,
+                                  out_file, positive_int)
 from earlyexit.core.decoding import decoding_names
 from earlyexit.core.parallel import is_main_process
 
@@ -41,7 +42,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoding", required=True, choices=decoding_names())
     p.add_argument("--dola-layers", type=_layers, default="high", help="high, low, or entries such as 16,18,20")
     p.add_argument("--premature-layer", type=nonnegative_int, default=None, help="the premature entry of dola-static")
-    p.add_argument("--premature-lens", choices=("raw", "normed"), default="raw")
+    p.add_argument("--premature-lens", choices=LENS_CHOICES, default="raw",
+                   help="the lens of DoLa's premature logits (default raw, the published one; tuned: the model's "
+                        "stored tuned lens, trained on first use for the embedded models)")
     p.add_argument("--limit", type=_positive, default=None, help="first N questions (default: all 817)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", required=True, help="output JSON file")
@@ -90,6 +93,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size)
     items = load_truthfulqa(args.data_dir, args.limit)
     model, tok = load_model(args.model, dtype=args.dtype, device_map=args.device_map)
+    if "premature_lens" in settings:  # a decoding that reads premature layers: a missing tuned lens fails here
+        settings.update(lens_record(cli_lens(model, settings["premature_lens"]), "premature_lens"))
     resolve_settings(model, decoding=args.decoding, dola_layers=args.dola_layers, premature_layer=args.premature_layer,
                      relative_top=args.relative_top, repetition_penalty=settings["repetition_penalty"],
                      premature_lens=args.premature_lens)  # fail before any generation
@@ -124,11 +129,14 @@ def _run_mc(args: argparse.Namespace) -> int:
     else:
         layers = candidate_layers(u.n_layers, u.arch.tied_embeddings, [args.premature_layer])
         kw["premature_layer"] = args.premature_layer
+    # vanilla reads no premature layer: a tuned lens is neither needed nor trained for it
+    lens = cli_lens(model, args.premature_lens if layers or args.premature_lens != "tuned" else "raw")
     # in an accelerate launch group each process scores its shard of the questions; all get every record
-    raws, info = mc_raw_sharded(model, tok, items, layers=layers, lens=args.premature_lens, progress=args.progress)
+    raws, info = mc_raw_sharded(model, tok, items, layers=layers, lens=lens, progress=args.progress)
     res = evaluate(raws, args.decoding, **kw)
     settings = {"decoding": args.decoding, "candidates": kw.get("candidates"),
-                "premature_layer": kw.get("premature_layer"), "premature_lens": args.premature_lens,
+                "premature_layer": kw.get("premature_layer"),
+                **(lens_record(lens, "premature_lens") if layers else {"premature_lens": args.premature_lens}),
                 "plausibility": False, "answer_format": "' ' + answer, '.' appended when missing"}
     # the layout of dola.ipynb's dola_mc_<model>.json: one entry per decoding under "decodings"
     par = info if info.num_processes > 1 else None

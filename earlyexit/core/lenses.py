@@ -137,6 +137,21 @@ def get_unembed(model) -> Unembed:
     return unembed
 
 
+def lens_record(lens: Lens, key: str = "lens") -> dict[str, str]:
+    """What a results file or a cache key records of a lens: ``{key: name}``, and for a trained lens (one
+    with a ``fingerprint()``, the tuned lens) ``{key}_fingerprint``: the sha256 of its parameters, so that
+    results of a retrained lens are never taken for the old one's.
+
+    >>> from earlyexit import tiny_model
+    >>> lens_record(resolve_lens(tiny_model("llama"), "raw"), "premature_lens")
+    {'premature_lens': 'raw'}
+    """
+    out = {key: lens.name}
+    if callable(getattr(lens, "fingerprint", None)):
+        out[f"{key}_fingerprint"] = lens.fingerprint()
+    return out
+
+
 def resolve_lens(model, lens: LensLike = "normed") -> Lens:
     """The one place a lens name becomes a :class:`Lens`: ``"normed"`` → :class:`LogitLens`, ``"raw"`` →
     :class:`RawLens`, ``"tuned"`` → the model's trained tuned lens. A ``Lens`` passes through after a

@@ -21,8 +21,10 @@ MLP = {"hidden": [256, 128, 64], "lr": 1e-3, "epochs": 5, "batch_size": 16}
 def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=None,
             conditions: Sequence[str] = CONDITIONS, kinds: Sequence[str] = ("hidden", "lens"),
             loto: bool = True, loto_kinds: Sequence[str] | None = ("hidden",), taps: Sequence[int] | None = None,
-            batch_size: int = 32, cache_dir=None, seed: int = 0, progress: bool = True) -> ProbesResults:
-    """Features (cached on disk) and probes for each condition; the result (not yet saved)."""
+            batch_size: int = 32, cache_dir=None, seed: int = 0, lens: str = "normed",
+            progress: bool = True) -> ProbesResults:
+    """Features (cached on disk) and probes for each condition; the result (not yet saved). ``lens``: the
+    lens whose log-probabilities make the ``"lens"`` feature (:data:`~earlyexit.core.lenses.LENS_NAMES`)."""
     import torch
 
     from earlyexit.core.models import load_model
@@ -40,7 +42,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     statements = load_true_false(SIX_TOPICS, data_dir, limit)
     torch.manual_seed(seed)
     lm, tok = load_model(model)
-    settings = FeatureSettings()
+    settings = FeatureSettings(lens=lens)
     reports, cache_stats = {}, {}
     for condition in sorted(conditions):  # the order does not change any result
         feats = extract_features(lm, tok, statements, condition, kinds=kinds, settings=settings,
@@ -53,11 +55,11 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     reports = {c: reports[c] for c in conditions}  # in the order asked
     parameters = {"model": model, "limit": limit, "conditions": conditions, "kinds": list(kinds), "loto": loto,
                   "loto_kinds": None if loto_kinds is None else list(loto_kinds), "taps": None if taps is None
-                  else list(taps), "batch_size": batch_size, "seed": seed}
+                  else list(taps), "batch_size": batch_size, "seed": seed, "lens": lens}
     meta_settings = dict(limit_per_topic=limit, conditions=conditions, kinds=list(kinds), loto=loto,
                          loto_kinds=parameters["loto_kinds"], features=dict(settings.__dict__), batch_size=batch_size,
                          seed=seed, mlp=MLP,
-                         lens_feature="seeded Gaussian random projection of the normed-lens log-probabilities",
+                         lens_feature=f"seeded Gaussian random projection of the {lens}-lens log-probabilities",
                          cache=cache_stats)
     payload = {"parameters": parameters, "taps": reports[conditions[0]]["taps"], "conditions": reports}
     return ProbesResults.create(lm, len(statements), payload=payload, settings=meta_settings, data=statements)
@@ -66,18 +68,20 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",
                     limit: int | None = None, data_dir=None, conditions: Sequence[str] = CONDITIONS,
                     kinds: Sequence[str] = ("hidden", "lens"), loto_kinds: Sequence[str] | None = ("hidden",),
-                    batch_size: int = 32, cache_dir=None, seed: int = 0, progress: bool = True) -> ProbesResults:
+                    batch_size: int = 32, cache_dir=None, seed: int = 0, lens: str = "normed",
+                    progress: bool = True) -> ProbesResults:
     """``results_dir/probes_<model>.json``: read it (``recompute=False`` and present), else compute and save it."""
     path = ProbesResults.path(results_dir, model)
 
     def run():
         res = compute(model, limit=limit, data_dir=data_dir, conditions=conditions, kinds=kinds,
-                      loto_kinds=loto_kinds, batch_size=batch_size, cache_dir=cache_dir, seed=seed, progress=progress)
+                      loto_kinds=loto_kinds, batch_size=batch_size, cache_dir=cache_dir, seed=seed, lens=lens,
+                      progress=progress)
         res.save(path)
         return ProbesResults.load(path)  # what a redraw reads, so both draw the same
 
     wanted = {"model": model, "limit": limit, "conditions": list(conditions), "kinds": list(kinds),
-              "loto_kinds": None if loto_kinds is None else list(loto_kinds), "seed": seed}
+              "loto_kinds": None if loto_kinds is None else list(loto_kinds), "seed": seed, "lens": lens}
     return _load_or_compute({"probes": path}, lambda: ProbesResults.load(path), run, recompute=recompute,
                             parameters=wanted, what="probes")
 

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from earlyexit.core import store
-from earlyexit.core.lenses import LensLike, resolve_lens
+from earlyexit.core.lenses import LensLike, lens_record, resolve_lens
 from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.prompts import ENTROPY_MAX_NEW_TOKENS, ENTROPY_STOP
 from earlyexit.studies.entropy_labels import (LABEL_METHODS, AnswerScores, check_label_method, check_threshold,
@@ -146,7 +146,7 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     lens = resolve_lens(model, lens)
-    settings = {"model": model_name(model), "weights": store.model_fingerprint(model), "lens": lens.name,
+    settings = {"model": model_name(model), "weights": store.model_fingerprint(model), **lens_record(lens),
                 "max_new_tokens": max_new_tokens, "stop": list(STOP),
                 "batch_size": batch_size, "layers": None if layers is None else list(map(int, layers))}
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
