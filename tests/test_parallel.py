@@ -321,6 +321,24 @@ def test_dispatched_model_gives_the_same_lens_dola_and_mc(whole_and_dispatched):
     assert store.model_fingerprint(d) == store.model_fingerprint(model)  # the same weights, the same cache keys
 
 
+@pytest.mark.parametrize("decoding, settings", [
+    ("sled", {}),
+    ("early-exit", {"threshold": 0.5}),
+    ("self-speculative", {"exit_entry": 2, "max_draft": 3}),
+    ("layer-skip", {"skip_layers": [1, 2], "max_draft": 3}),
+])
+def test_dispatched_model_gives_the_same_sled_and_early_exit_tokens(whole_and_dispatched, decoding, settings):
+    """The other decoders too: SLED reads every layer's logits, the early-exit methods run the layers one by one
+    (through accelerate's hooks when offloaded) and copy or reuse their KV."""
+    from earlyexit.methods.dola import generate
+
+    model, d, tok = whole_and_dispatched
+    ga = generate(model, tok, PROMPTS, decoding=decoding, max_new_tokens=8, batch_size=1, method_settings=settings)
+    gb = generate(d, tok, PROMPTS, decoding=decoding, max_new_tokens=8, batch_size=1, method_settings=settings)
+    assert [g.token_ids for g in gb] == [g.token_ids for g in ga]
+    assert [g.info for g in gb] == [g.info for g in ga]  # exit entries, drafts proposed and accepted
+
+
 def test_load_model_with_a_device_map_and_cpu_offload(tiny_folder, tmp_path, tiny_llama):
     from accelerate import cpu_offload
 
