@@ -90,6 +90,23 @@ def _worker(args: argparse.Namespace) -> None:
         {"rank": rank, "threads": torch.get_num_threads(), "questions": len(plan), "marks": marks, **timing}))
 
 
+def shown(cmd: list[str], out: Path) -> list[str]:
+    """``cmd`` as the results file records it: no path of this machine (the interpreter and the venv's
+    launcher by name, the repository's files relative to it, the temporary results folder as ``<tmp>``)."""
+    def one(arg: str) -> str:
+        p = Path(arg)
+        if not p.is_absolute():
+            return arg
+        if p.parent == Path(sys.executable).parent:
+            return p.name  # python, accelerate
+        if p.is_relative_to(REPO):
+            return str(p.relative_to(REPO))
+        if p.is_relative_to(out.parent):
+            return str(Path("<tmp>") / p.relative_to(out.parent))
+        return p.name
+    return [one(a) for a in cmd]
+
+
 def _arm(name: str, cmd: list[str], threads: int, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
@@ -114,7 +131,7 @@ def _arm(name: str, cmd: list[str], threads: int, out: Path) -> dict:
         p["imbalance_s"] = p["gather_s"] - comm
         p["overhead_s"] = p["launch_to_process_s"] + p["imports_s"] + p["process_group_s"] + p["model_load_s"] + \
             comm + p["exit_s"]
-    return {"arm": name, "command": cmd, "threads_per_process": threads, "wall_s": wall, "processes": per,
+    return {"arm": name, "command": shown(cmd, out), "threads_per_process": threads, "wall_s": wall, "processes": per,
             "work_s": max(p["work_s"] for p in per), "load_average_before": load_before,
             "load_average_after": os.getloadavg()}
 
