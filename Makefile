@@ -48,7 +48,7 @@ reproduce: $(STAMP)
 		$(if $(filter 0 no false False,$(RECOMPUTE)),--no-recompute,--recompute) $(NOTEBOOKS)
 
 bench: $(STAMP)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(PY) $$b || exit 1; done
 
 # bench/peers.py: the logit lens vs nnsight and TransformerLens, in a venv of its own (.venv-bench) so that the
 # peers never touch .venv; torch and transformers pinned as in pyproject.toml.  make bench-peers REPEATS=2

@@ -18,23 +18,12 @@ Two figures per model and batch size:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def parse_runs(spec: str) -> list[tuple[str, int]]:
-    """``"smollm2-135m:1,8;gemma3-270m:1"`` → ``[("smollm2-135m", 1), ("smollm2-135m", 8), ...]``."""
-    out = []
-    for part in spec.split(";"):
-        name, sizes = part.split(":")
-        out += [(name.strip(), int(b)) for b in sizes.split(",")]
-    return out
 
 
 def write_report(args, results: dict) -> dict:
@@ -71,10 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from _speed import measure, ours, parse_runs, ratios, transformers_greedy
+
     from earlyexit import load_model
     from earlyexit.core.batching import pad_id
     from earlyexit.studies.data import load_truthfulqa
-    from earlyexit.methods.dola import generate
     from earlyexit.studies.prompts import truthfulqa_prompt
 
     runs = parse_runs(args.runs)
@@ -87,66 +77,16 @@ def main(argv: list[str] | None = None) -> dict:
     for name in dict.fromkeys(n for n, _ in runs):
         model, tok = load_model(name)
         tok.padding_side = "left"
-        pad = pad_id(tok)
-
-        @torch.no_grad()
-        def hf(prompts, n):
-            enc = tok(prompts, return_tensors="pt", padding=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            seq = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            assert seq.shape[1] - enc["input_ids"].shape[1] == n, "transformers generated a different length"
-            return dt, dc
-
-        def dola(prompts, n):
-            t0, c0 = time.perf_counter(), time.process_time()
-            outs = generate(model, tok, prompts, decoding="dola", dola_layers=args.dola_layers,
-                            repetition_penalty=args.repetition_penalty, max_new_tokens=n, stop=(),
-                            batch_size=len(prompts), share_prefix=False, ignore_eos=True)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            assert all(len(o.token_ids) == n for o in outs), "DoLa generated a different length"
-            return dt, dc
-
-        for model_name, B in [r for r in runs if r[0] == name]:
-            prompts = prompts_all[:B]
-            hf(prompts, n_short), dola(prompts, n_short)  # warm-up
-            uptime = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else None
-            keys = [("hf", n_short), ("hf", n_long), ("dola", n_short), ("dola", n_long)]
-            times = {k: [] for k in keys}
-            cpu = {k: [] for k in keys}
-            for r in range(args.repeats):
-                order = [("hf", hf), ("dola", dola)] if r % 2 == 0 else [("dola", dola), ("hf", hf)]
-                for n in (n_short, n_long):
-                    for key, fn in order:
-                        wall, proc = fn(prompts, n)
-                        times[(key, n)].append(wall)
-                        cpu[(key, n)].append(proc)
-                print(f"{name} B={B} repeat {r + 1}/{args.repeats}: "
-                      + ", ".join(f"{k}@{n}={v[-1]:.2f}s" for (k, n), v in times.items()), flush=True)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            decode, decode_cpu = {}, {}
-            for key in ("hf", "dola"):
-                diffs = [b - a for a, b in zip(times[(key, n_short)], times[(key, n_long)])]
-                decode[key] = B * (n_long - n_short) / statistics.median(diffs)
-                diffs = [b - a for a, b in zip(cpu[(key, n_short)], cpu[(key, n_long)])]
-                decode_cpu[key] = B * (n_long - n_short) / statistics.median(diffs)
-            e2e = {key: B * n_long / med[(key, n_long)] for key in ("hf", "dola")}
-            entry = {
-                "ratio": decode["dola"] / decode["hf"],
-                "ratio_end_to_end": e2e["dola"] / e2e["hf"],
-                "ratio_cpu_time": decode_cpu["dola"] / decode_cpu["hf"],
-                "decode_tokens_per_s": decode,
-                "decode_tokens_per_cpu_s": decode_cpu,
-                "end_to_end_tokens_per_s": e2e,
-                "median_seconds": {f"{k}@{n}": v for (k, n), v in med.items()},
-                "all_seconds": {f"{k}@{n}": v for (k, n), v in times.items()},
-                "all_cpu_seconds": {f"{k}@{n}": v for (k, n), v in cpu.items()},
-                "batch_size": B,
-                "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
-                "load_average_at_start": uptime,
-            }
+        contestants = [("hf", transformers_greedy(model, tok, pad_id(tok))),
+                       ("dola", ours(model, tok, "dola", dola_layers=args.dola_layers,
+                                     repetition_penalty=args.repetition_penalty))]
+        for _, B in [r for r in runs if r[0] == name]:
+            entry = measure(f"{name} B={B}", contestants, prompts_all[:B], tok, n_short=n_short, n_long=n_long,
+                            repeats=args.repeats)
+            entry = {**ratios(entry, "dola"), **entry}
             results.setdefault(name, {})[str(B)] = entry
             write_report(args, results)  # after each entry, so an interrupted run keeps what it measured
+            decode = entry["decode_tokens_per_s"]
             print(f"==> {name} batch {B}: ratio (decode) {entry['ratio']:.3f}  end-to-end "
                   f"{entry['ratio_end_to_end']:.3f}  cpu-time {entry['ratio_cpu_time']:.3f} | decode tok/s "
                   f"hf {decode['hf']:.2f} dola {decode['dola']:.2f}", flush=True)
@@ -158,4 +98,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
     main()

@@ -26,29 +26,13 @@ Targets (issue 12): ≥ 0.8 on SmolLM2 at batch 1, ≥ 0.5 on Gemma-3-270M.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"smollm2-135m batch 1": 0.8, "gemma3-270m": 0.5}
-
-
-def parse_runs(spec: str) -> list[tuple[str, int]]:
-    """``"smollm2-135m:1,8;gemma3-270m:1"`` → ``[("smollm2-135m", 1), ("smollm2-135m", 8), ...]``."""
-    out = []
-    for part in spec.split(";"):
-        name, sizes = part.split(":")
-        out += [(name.strip(), int(b)) for b in sizes.split(",")]
-    return out
-
-
-def _load() -> str | None:
-    p = Path("/proc/loadavg")
-    return " ".join(p.read_text().split()[:3]) if p.exists() else None
 
 
 def _variant(dtype: str) -> str:
@@ -96,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from _speed import measure, ours, parse_runs, ratios, transformers_greedy
+
     from earlyexit import load_model
     from earlyexit.core.batching import pad_id
-    from earlyexit.methods.dola import generate
     from earlyexit.studies.data import load_truthfulqa
     from earlyexit.studies.prompts import truthfulqa_prompt
 
@@ -113,82 +98,23 @@ def main(argv: list[str] | None = None) -> dict:
     for name in dict.fromkeys(n for n, _ in runs):
         model, tok = load_model(name)
         tok.padding_side = "left"
-        pad = pad_id(tok)
-
-        @torch.no_grad()
-        def hf(prompts, n):
-            enc = tok(prompts, return_tensors="pt", padding=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            seq = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            assert seq.shape[1] - enc["input_ids"].shape[1] == n, "transformers generated a different length"
-            return dt, dc
-
-        def sled_fn(dtype):
-            def sled(prompts, n):
-                t0, c0 = time.perf_counter(), time.process_time()
-                outs = generate(model, tok, prompts, decoding="sled", method_settings={**settings, "premature_dtype": dtype},
-                                repetition_penalty=args.repetition_penalty, max_new_tokens=n, stop=(),
-                                batch_size=len(prompts), share_prefix=False, ignore_eos=True)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                assert all(len(o.token_ids) == n for o in outs), "SLED generated a different length"
-                return dt, dc
-            return sled
-
-        contestants = [("hf", hf)] + [(_variant(d), sled_fn(d)) for d in args.premature_dtype]
+        contestants = [("hf", transformers_greedy(model, tok, pad_id(tok)))] + [
+            (_variant(d), ours(model, tok, "sled", method_settings={**settings, "premature_dtype": d},
+                               repetition_penalty=args.repetition_penalty)) for d in args.premature_dtype]
         for _, B in [r for r in runs if r[0] == name]:
-            prompts = prompts_all[:B]
-            for _, fn in contestants:  # warm-up
-                fn(prompts, n_short)
-            load_start = _load()
-            keys = [(c, n) for c, _ in contestants for n in (n_short, n_long)]
-            times = {k: [] for k in keys}
-            cpu = {k: [] for k in keys}
-            for r in range(args.repeats):
-                order = contestants if r % 2 == 0 else contestants[::-1]
-                for n in (n_short, n_long):
-                    for key, fn in order:
-                        wall, proc = fn(prompts, n)
-                        times[(key, n)].append(wall)
-                        cpu[(key, n)].append(proc)
-                print(f"{name} B={B} repeat {r + 1}/{args.repeats}: "
-                      + ", ".join(f"{k}@{n}={v[-1]:.2f}s" for (k, n), v in times.items()), flush=True)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            decode, decode_cpu = {}, {}
-            for key, _ in contestants:
-                diffs = [b - a for a, b in zip(times[(key, n_short)], times[(key, n_long)])]
-                decode[key] = B * (n_long - n_short) / statistics.median(diffs)
-                diffs = [b - a for a, b in zip(cpu[(key, n_short)], cpu[(key, n_long)])]
-                decode_cpu[key] = B * (n_long - n_short) / statistics.median(diffs)
-            e2e = {key: B * n_long / med[(key, n_long)] for key, _ in contestants}
-            fastest = {key: B * (n_long - n_short) / (min(times[(key, n_long)]) - min(times[(key, n_short)]))
-                       for key, _ in contestants}
+            measured = measure(f"{name} B={B}", contestants, prompts_all[:B], tok, n_short=n_short, n_long=n_long,
+                               repeats=args.repeats)
             entry = {}
             for dtype in args.premature_dtype:
-                v, suffix = _variant(dtype), ("" if dtype == "float32" else f"_{dtype}")
-                entry.update({"ratio" + suffix: decode[v] / decode["hf"],
-                              "ratio_end_to_end" + suffix: e2e[v] / e2e["hf"],
-                              "ratio_cpu_time" + suffix: decode_cpu[v] / decode_cpu["hf"],
-                              "ratio_min" + suffix: fastest[v] / fastest["hf"]})
-            entry.update({
-                "decode_tokens_per_s": decode,
-                "decode_tokens_per_s_fastest": fastest,
-                "decode_tokens_per_cpu_s": decode_cpu,
-                "end_to_end_tokens_per_s": e2e,
-                "median_seconds": {f"{k}@{n}": v for (k, n), v in med.items()},
-                "all_seconds": {f"{k}@{n}": v for (k, n), v in times.items()},
-                "all_cpu_seconds": {f"{k}@{n}": v for (k, n), v in cpu.items()},
-                "batch_size": B,
-                "prompt_tokens": [len(tok(p)["input_ids"]) for p in prompts],
-                "load_average_at_start": load_start,
-                "load_average_at_end": _load(),
-            })
+                suffix = "" if dtype == "float32" else f"_{dtype}"
+                entry.update({k + suffix: v for k, v in ratios(measured, _variant(dtype)).items()})
+            entry.update(measured)
             results.setdefault(name, {})[str(B)] = entry
             write_report(args, results)  # after each entry, so an interrupted run keeps what it measured
             figs = "  ".join(f"{k} {v:.3f}" for k, v in entry.items() if k.startswith("ratio"))
             print(f"==> {name} batch {B}: {figs} | decode tok/s "
-                  + " ".join(f"{k} {v:.2f}" for k, v in decode.items())
-                  + f" | load {load_start} → {entry['load_average_at_end']}", flush=True)
+                  + " ".join(f"{k} {v:.2f}" for k, v in entry["decode_tokens_per_s"].items())
+                  + f" | load {entry['load_average_at_start']} → {entry['load_average_at_end']}", flush=True)
         del model
     report = write_report(args, results)
     print(f"wrote {args.out}")
@@ -197,4 +123,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "bench"))
     main()

@@ -49,3 +49,28 @@ def tiny_llama(tokenizer):
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """The tiny Llama saved as a model folder, so that the command line can load it (``--model <folder>``)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    _tiny("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def store_tuned_lens(model, seed: int = 1, scale: float = 0.3):
+    """A tuned lens with random (non-zero, so ≠ the logit lens) translators, saved where ``lens="tuned"``
+    (and ``premature_lens="tuned"``) reads it for ``model``."""
+    import torch
+
+    from earlyexit.core.tuned_lens import TunedLens, store_dir
+
+    lens = TunedLens.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lens.translator_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    lens.save(store_dir(model))
+    return lens

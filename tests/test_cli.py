@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import store_tuned_lens
 from earlyexit.cli import main
 
 
@@ -46,37 +47,11 @@ def test_python_dash_m_entry_point():
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    """The tiny Llama saved as a model folder, so that the command line loads it (``--model <folder>``)."""
-    from earlyexit.core.tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """An empty store of this test's own (no tuned lens in it)."""
     monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def store_tuned_lens(model, seed: int = 1, scale: float = 0.3):
-    """A tuned lens with random (non-zero, so ≠ the logit lens) translators, saved where ``lens="tuned"`` reads."""
-    import torch
-
-    from earlyexit.core.tuned_lens import TunedLens, store_dir
-
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.translator_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    lens.save(store_dir(model))
-    return lens
 
 
 def test_lens_tuned_reads_the_stored_tuned_lens(tiny_folder, store, tmp_path, capsys):

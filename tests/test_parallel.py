@@ -68,15 +68,6 @@ def test_single_process_needs_no_launcher():
 
 # --- real processes ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    """The tiny Llama saved as a model folder, so that the command line can load it (``--model <folder>``)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    _tiny("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", EARLYEXIT_DATA_DIR=str(DATA_DIR), EARLYEXIT_CACHE=str(tmp_path / "cache"),
                TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import store_tuned_lens
 from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.mc import (MCQuestion, QuestionRaw, evaluate, format_answer, js_from_logprobs, mc_metrics,
                           mc_question, mc_raw, mc_raw_cached, question_raw, static_cross_validation)
@@ -367,19 +368,6 @@ def test_cli_mc_and_score(smollm2, tmp_path, data_dir):
 
 
 
-def _store_tuned_lens(model, seed: int = 1, scale: float = 0.3):
-    """A tuned lens with random (≠ the logit lens) translators, saved where ``premature_lens="tuned"`` reads."""
-    from earlyexit.core.tuned_lens import TunedLens, store_dir
-
-    lens = TunedLens.from_model(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lens.translator_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    lens.save(store_dir(model))
-    return lens
-
-
 @pytest.fixture
 def tiny_cli(tokenizer, tmp_path, monkeypatch):
     """A fresh tiny Llama that ``load_model`` returns, and an empty store of this test's own."""
@@ -412,7 +400,7 @@ def test_cli_premature_lens_tuned(tiny_cli, tmp_path, capsys, data_dir):
     assert main(["truthfulqa", "mc", "--decoding", "vanilla", "--limit", "1", "--premature-lens", "tuned",
                  "--out", str(tmp_path / "vanilla.json")]) == 0
 
-    lens = _store_tuned_lens(model)
+    lens = store_tuned_lens(model)
     assert main([*mc, "--premature-lens", "tuned", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     s = doc["meta"]["settings"]

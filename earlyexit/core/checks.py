@@ -184,3 +184,19 @@ def check_output_dir(path: str | os.PathLike, *, what: str = "out",
     for f, kind in files:
         check_output_file(f, what=what, kind=kind, results=kind is not None)
     return p
+
+
+def read_json(path: Path, what: str, *, fix: str = "") -> Any:
+    """The JSON document in ``path``, or a :class:`~earlyexit.core.errors.DataError` naming ``what`` and the
+    file when it is not JSON or not UTF-8 text (where in the file, and ``fix``: what to do about it)."""
+    import json
+
+    from earlyexit.core.errors import DataError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+                        f"{fix}.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what} {path} is not UTF-8 text ({err.reason}){fix}.") from None

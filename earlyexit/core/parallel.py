@@ -263,6 +263,34 @@ def map_items(fn: Callable[[list[T]], Sequence[R]], items: Sequence[T], *, mode:
     return results, info
 
 
+def map_cached(n: int, load: Callable[[int], R | None], compute: Callable[[int], R], *,
+               ids: Callable[[int], Sequence[Any]], unit: int, desc: str | None = None,
+               progress: bool = False) -> tuple[list[R], dict[str, Any] | None]:
+    """Units ``0..n-1`` of a cached, resumable job (e.g. chunks of questions): the ones ``load(j)`` finds
+    (read on the main process, shared with the others) and the rest ``compute(j)`` (which writes its own
+    cache file), sharded over the processes in whole units (:func:`map_items`, contiguous) and gathered.
+    Returns every unit's result in order and, with several processes, the ``parallel`` metadata
+    (``indices``: ``ids(j)`` of the units each process computed; ``unit``: items per unit).
+    ``desc``: a progress bar over this process's units (main process, more than one unit)."""
+    from tqdm.auto import tqdm
+
+    main = is_main_process()
+    cached = {j: r for j in range(n) if (r := load(j)) is not None} if main else None
+    cached = broadcast(cached)
+    todo = [j for j in range(n) if j not in cached]
+
+    def run(js: list[int]) -> list[R]:
+        return [compute(j) for j in tqdm(js, desc=desc, disable=not progress or not main or len(js) <= 1)]
+
+    computed, info = map_items(run, todo)
+    done = dict(zip(todo, computed))
+    meta = None
+    if info.num_processes > 1:
+        meta = {**info.as_meta(), "unit": unit,
+                "indices": [[x for j in js for x in ids(todo[j])] for js in info.indices]}
+    return [cached[j] if j in cached else done[j] for j in range(n)], meta
+
+
 # --- the devices of a sharded model -----------------------------------------------------------------
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -193,11 +193,10 @@ def plot_settling(res, figures_dir="figures"):
         h = np.asarray(a["settling"]["histogram"], dtype=float)
         x = np.arange(len(h))
         ax.bar(x, h / max(h.sum(), 1), color="lightgray", label="all tokens")
-        for method, color in (("threshold", None),):
-            b = a["by_label"].get(method)
-            if b:
-                ax.step(x, b["correct"]["histogram_share"], where="mid", color="tab:green", label="correct answers")
-                ax.step(x, b["wrong"]["histogram_share"], where="mid", color="tab:red", label="wrong answers")
+        b = a["by_label"].get("threshold")  # the entropy study's BERTScore-threshold labels
+        if b:
+            ax.step(x, b["correct"]["histogram_share"], where="mid", color="tab:green", label="correct answers")
+            ax.step(x, b["wrong"]["histogram_share"], where="mid", color="tab:red", label="wrong answers")
         ax.set_xlabel("settling entry (0 = embeddings, L = output)")
         ax.set_ylabel("share of tokens")
         ax.set_title(f"{res.model}, {name} lens (n = {a['n_answers']}, {a['n_tokens']} tokens)", fontsize=10)

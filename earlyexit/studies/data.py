@@ -9,12 +9,12 @@ The directory is the ``data_dir`` argument, else ``$EARLYEXIT_DATA_DIR``, else `
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from earlyexit.core.checks import read_json
 from earlyexit.core.errors import BadInput, BadType, DataError, DataNotFound
 from earlyexit.core.meta import file_fingerprint
 
@@ -273,13 +273,7 @@ def load_general_knowledge(data_dir_: str | os.PathLike | None = None, limit: in
 def _read_examples(path: Path, rel: str) -> list[dict]:
     """The ``examples`` of a BIG-bench task file, checked (each with an ``input`` string and
     ``target_scores`` mapping choices to 0/1, one of them 1); errors name the file and the example."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"Data file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
-                        f"the file is damaged or cut short; get it again ({_source_of(rel)}).") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"Data file {path} is not UTF-8 text ({err.reason}): get it again ({_source_of(rel)}).") from None
+    doc = read_json(path, "Data file", fix=f": the file is damaged or cut short; get it again ({_source_of(rel)})")
     examples = doc.get("examples") if isinstance(doc, dict) else None
     if not isinstance(examples, list) or not examples:
         raise DataError(f"Data file {path} has no 'examples' list: it is not a BIG-bench task file; get it again "

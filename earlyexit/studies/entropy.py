@@ -132,12 +132,10 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens:
     resumes where it stopped.
 
     In an ``accelerate launch`` group the chunks still to compute (decided on the main process) are
-    sharded over the processes (:func:`earlyexit.core.parallel.map_items`, whole chunks, contiguous);
+    sharded over the processes (:func:`earlyexit.core.parallel.map_cached`, whole chunks, contiguous);
     each process writes its own chunks' cache files and the parts are gathered in question order, so
     every process returns the answers one process would.
     """
-    from tqdm.auto import tqdm
-
     from earlyexit.core import parallel
     from earlyexit.core.models import model_name
 
@@ -154,29 +152,21 @@ def generate_answers(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens:
     groups = [items[start:start + chunk] for start in range(0, len(items), chunk)]
     entries = [_cache_entry(cache, settings, [it.index for it in g]) if cache is not None else (None, "")
                for g in groups]
-    main = parallel.is_main_process()
-    # the chunks already cached, read on the main process: every process then shards the same rest
-    cached = {j: part for j, (path, key) in enumerate(entries)
-              if path is not None and (part := _load_part(path, key)) is not None} if main else None
-    cached = parallel.broadcast(cached)
-    todo = [j for j in range(len(groups)) if j not in cached]
+    def load(j: int) -> AnswerEntropy | None:
+        path, key = entries[j]
+        return _load_part(path, key) if path is not None else None
 
-    def run(js: list[int]) -> list[AnswerEntropy]:
-        out = []
-        for j in tqdm(js, desc="entropy chunks", disable=not progress or not main or len(js) <= 1):
-            part = _generate(model, tokenizer, groups[j], lens=lens, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, layers=layers, progress=progress and main)
-            if entries[j][0] is not None:
-                _save_part(*entries[j], part)
-            out.append(part)
-        return out
+    def compute(j: int) -> AnswerEntropy:
+        part = _generate(model, tokenizer, groups[j], lens=lens, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, layers=layers, progress=progress and parallel.is_main_process())
+        if entries[j][0] is not None:
+            _save_part(*entries[j], part)
+        return part
 
-    computed, info = parallel.map_items(run, todo)
-    done = dict(zip(todo, computed))
-    answers = AnswerEntropy.concat([cached[j] if j in cached else done[j] for j in range(len(groups))])
-    if info.num_processes > 1:
-        answers.parallel = {**info.as_meta(), "unit": chunk,
-                            "indices": [[it.index for j in js for it in groups[todo[j]]] for js in info.indices]}
+    parts, meta = parallel.map_cached(len(groups), load, compute, ids=lambda j: [it.index for it in groups[j]],
+                                      unit=chunk, desc="entropy chunks", progress=progress)
+    answers = AnswerEntropy.concat(parts)
+    answers.parallel = meta
     return answers
 
 

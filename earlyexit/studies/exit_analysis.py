@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from earlyexit.core import store
-from earlyexit.core.lenses import LensLike, resolve_lens
+from earlyexit.core.lenses import LensLike, lens_record, resolve_lens
 from earlyexit.studies.bootstrap import bootstrap_ci
 from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.prompts import ENTROPY_MAX_NEW_TOKENS, ENTROPY_STOP
@@ -168,11 +168,9 @@ def collect_tokens(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens: L
 
     In an ``accelerate launch`` group (every process calls it) the main process reads the cache, the
     chunks still to compute are sharded over the processes in whole chunks
-    (:func:`earlyexit.core.parallel.map_items`, contiguous), each process writes its own chunks' cache
+    (:func:`earlyexit.core.parallel.map_cached`, contiguous), each process writes its own chunks' cache
     files, and the parts are gathered in question order: every process returns the tokens one process
     would, identical (each chunk runs the same batches), with ``parallel`` saying who answered what."""
-    from tqdm.auto import tqdm
-
     from earlyexit.core import parallel
     from earlyexit.core.generation import generate_with_lens
     from earlyexit.core.models import model_name
@@ -181,7 +179,7 @@ def collect_tokens(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens: L
     if not items:
         raise ValueError("No questions given: pass at least one TruthfulQA item.")
     lens = resolve_lens(model, lens)
-    settings = {"model": model_name(model), "weights": store.model_fingerprint(model), "lens": lens.name,
+    settings = {"model": model_name(model), "weights": store.model_fingerprint(model), **lens_record(lens),
                 "max_new_tokens": int(max_new_tokens), "stop": list(ENTROPY_STOP), "batch_size": int(batch_size),
                 "v": CACHE_VERSION}
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir not in (None, True) else store.area("exit")
@@ -204,34 +202,26 @@ def collect_tokens(model, tokenizer, items: Sequence[TruthfulQAItem], *, lens: L
                           str(z["lens"]))
 
     entries = [entry(g) for g in groups]
-    main = parallel.is_main_process()
-    # the chunks already cached, read on the main process: every process then shards the same rest
-    cached = {j: part for j, e in enumerate(entries) if (part := load(*e)) is not None} if main else None
-    cached = parallel.broadcast(cached)
-    todo = [j for j in range(len(groups)) if j not in cached]
 
-    def run(js: list[int]) -> list[ExitTokens]:
-        out = []
-        for j in tqdm(js, desc="exit chunks", disable=not progress or not main or len(js) <= 1):
-            group = groups[j]
-            gens = generate_with_lens(model, tokenizer, [truthfulqa_prompt(it.question) for it in group],
-                                      max_new_tokens=max_new_tokens, stop=ENTROPY_STOP, layers=None, lens=lens,
-                                      top_k=2, batch_size=batch_size, share_prefix=True, progress=progress and main)
-            part = _from_generations(gens, group, lens.name)
-            path, key = entries[j]
-            if path is not None:
-                store.write_npz(path, key, {**{k: getattr(part, k) for k in _FIELDS},
-                                            "texts": np.array(part.texts, dtype=str),
-                                            "layers": np.array(part.layers, dtype=int), "lens": np.array(part.lens)})
-            out.append(part)
-        return out
+    def compute(j: int) -> ExitTokens:
+        group = groups[j]
+        gens = generate_with_lens(model, tokenizer, [truthfulqa_prompt(it.question) for it in group],
+                                  max_new_tokens=max_new_tokens, stop=ENTROPY_STOP, layers=None, lens=lens,
+                                  top_k=2, batch_size=batch_size, share_prefix=True,
+                                  progress=progress and parallel.is_main_process())
+        part = _from_generations(gens, group, lens.name)
+        path, key = entries[j]
+        if path is not None:
+            store.write_npz(path, key, {**{k: getattr(part, k) for k in _FIELDS},
+                                        "texts": np.array(part.texts, dtype=str),
+                                        "layers": np.array(part.layers, dtype=int), "lens": np.array(part.lens)})
+        return part
 
-    computed, info = parallel.map_items(run, todo)
-    done = dict(zip(todo, computed))
-    tokens = ExitTokens.concat([cached[j] if j in cached else done[j] for j in range(len(groups))])
-    if info.num_processes > 1:
-        tokens.parallel = {**info.as_meta(), "unit": chunk,
-                           "indices": [[it.index for j in js for it in groups[todo[j]]] for js in info.indices]}
+    parts, meta = parallel.map_cached(len(groups), lambda j: load(*entries[j]), compute,
+                                      ids=lambda j: [it.index for it in groups[j]], unit=chunk,
+                                      desc="exit chunks", progress=progress)
+    tokens = ExitTokens.concat(parts)
+    tokens.parallel = meta
     return tokens
 
 

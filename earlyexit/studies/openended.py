@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from earlyexit.core.atomic import write_json
+from earlyexit.core.checks import read_json
 from earlyexit.core.errors import BadInput, DataError, DataNotFound
 from earlyexit.core.results import GenerateResults, write_result
 from earlyexit.studies.bootstrap import bootstrap_ci
@@ -171,13 +172,7 @@ def read_predictions(path: str | Path, items: Sequence[TruthfulQAItem]) -> tuple
         raise DataNotFound(f"Predictions file {path} not found.")
     if path.is_dir():
         raise DataError(f"Predictions file {path} is a folder: give the JSON file written by truthfulqa generate.")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"Predictions file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
-                        f"{err.colno}).") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"Predictions file {path} is not UTF-8 text ({err.reason}).") from None
+    doc = read_json(path, "Predictions file")
     by_text = {it.question.strip(): it for it in items}
     by_index = {it.index: it for it in items}
     matched, completions = [], []
