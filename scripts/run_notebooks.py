@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-NOTEBOOKS = ("vis.ipynb", "Entropy.ipynb", "classifier.ipynb", "dola.ipynb", "early_exit.ipynb")
+NOTEBOOKS = ("vis.ipynb", "Entropy.ipynb", "classifier.ipynb", "dola.ipynb", "tuned_lens.ipynb", "early_exit.ipynb")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
 # the notebooks' own defaults: not injected when a run uses them

@@ -21,15 +21,21 @@ SMALL = {
     "classifier.ipynb": {"limit": 60},
     "dola.ipynb": {"limit": 6},
     "early_exit.ipynb": {"limit": 6, "decoder_limit": 2},
+    "tuned_lens.ipynb": {"limit": 2, "train_tokens": 1024},  # a quick lens trained for the run, not stored
 }
+# Gemma-3-270M (the second embedded model, ~5x the lens cost per position): smaller where a notebook allows
+GEMMA = "gemma3-270m"
+GEMMA_SMALL = {**SMALL, "vis.ipynb": {"limit": 4}, "classifier.ipynb": {"limit": 30}, "dola.ipynb": {"limit": 3},
+               "early_exit.ipynb": {"limit": 6, "decoder_limit": 1}}
 # the results files each notebook writes (the model in every name)
 RESULTS = {
     "vis.ipynb": ["vis_{m}.json"],
     "Entropy.ipynb": ["entropy_{m}.json", "entropy_per_question_{m}.csv"],
     "classifier.ipynb": ["probes_{m}.json"],
     "dola.ipynb": ["dola_mc_{m}.json", "dola_scores_{m}.json", "dola_generate_vanilla_{m}.json",
-                   "dola_generate_dola_{m}.json"],
+                   "dola_generate_dola_{m}.json", "dola_generate_sled_{m}.json"],
     "early_exit.ipynb": ["early_exit_{m}.json"],
+    "tuned_lens.ipynb": ["tuned_lens_{m}.json"],
 }
 # Imported by the kernel at start-up (PYTHONPATH): any model load raises, so a redraw that loads one fails.
 GUARD = '''
@@ -71,18 +77,31 @@ def _text(nb: dict, cell: dict) -> list:
 @pytest.fixture(scope="module")
 def subset_run(tmp_path_factory):
     """Run a notebook on its subset once per test module: ``(folder, executed notebook, seconds)``."""
-    done: dict[str, tuple[Path, dict, float]] = {}
+    done: dict[tuple[str, str], tuple[Path, dict, float]] = {}
 
-    def run(name: str):
-        if name not in done:
-            base = tmp_path_factory.mktemp(Path(name).stem)
-            params = {"model": MODEL, "figures_dir": str(base / "figures"), "results_dir": str(base / "results"),
-                      "recompute": True, **SMALL[name]}
+    def run(name: str, model: str = MODEL):
+        if (name, model) not in done:
+            base = tmp_path_factory.mktemp(f"{Path(name).stem}-{model}")
+            params = {"model": model, "figures_dir": str(base / "figures"), "results_dir": str(base / "results"),
+                      "recompute": True, **(GEMMA_SMALL if model == GEMMA else SMALL)[name]}
             nb, seconds = _execute(name, base / name, params)
-            done[name] = (base, nb, seconds)
-        return done[name]
+            done[name, model] = (base, nb, seconds)
+        return done[name, model]
 
     return run
+
+
+def _check_subset_run(name: str, model: str, base: Path, nb: dict) -> None:
+    assert not _errors(nb), _errors(nb)[0]["evalue"]
+    figures = list((base / "figures").glob("*.png"))
+    assert figures, "the notebook exported no figure"
+    for png in figures:
+        assert png.with_suffix(".pdf").exists(), f"{png.name} has no PDF twin"
+        assert png.stem.endswith(f"_{model}"), f"{png.name}: figure names carry the model"
+    for pattern in RESULTS[name]:
+        assert (base / "results" / pattern.format(m=model)).exists(), f"{pattern} not written"
+    kinds = {json.loads(p.read_text()).get("kind") for p in (base / "results").glob("*.json")}
+    assert None not in kinds, "every results file has a kind"
 
 
 @pytest.mark.slow
@@ -91,16 +110,15 @@ def test_notebook_runs_on_a_subset(name, subset_run):
     if not (REPO / name).exists():
         pytest.skip(f"{name} not written yet")
     base, nb, _ = subset_run(name)
-    assert not _errors(nb)
-    figures = list((base / "figures").glob("*.png"))
-    assert figures, "the notebook exported no figure"
-    for png in figures:
-        assert png.with_suffix(".pdf").exists(), f"{png.name} has no PDF twin"
-        assert png.stem.endswith(f"_{MODEL}"), f"{png.name}: figure names carry the model"
-    for pattern in RESULTS[name]:
-        assert (base / "results" / pattern.format(m=MODEL)).exists(), f"{pattern} not written"
-    kinds = {json.loads(p.read_text()).get("kind") for p in (base / "results").glob("*.json")}
-    assert None not in kinds, "every results file has a kind"
+    _check_subset_run(name, MODEL, base, nb)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in SMALL if n != "tuned_lens.ipynb"])  # training: minutes on Gemma
+def test_notebook_runs_on_gemma(name, subset_run):
+    """The same subset on the second embedded model (a base model: no chat template, 262k vocabulary)."""
+    base, nb, _ = subset_run(name, GEMMA)
+    _check_subset_run(name, GEMMA, base, nb)
 
 
 @pytest.mark.slow

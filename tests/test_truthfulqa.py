@@ -319,6 +319,48 @@ def test_generation_settings():
         generation_settings("dola-static")
     with pytest.raises(ValueError, match="max_new_tokens"):
         generation_settings("dola", max_new_tokens=0)
+    sled = generation_settings("sled", method_settings={"evolution_rate": 2.5})
+    assert sled["repetition_penalty"] == 1.0 and "relative_top" not in sled  # DoLa's setting is not SLED's
+    assert sled["method_settings"] == {"evolution_scale": 50, "evolution_rate": 2.5, "evolution_steps": 1,
+                                       "evolution_lower_bound": -1000.0, "sled_layers": None,
+                                       "premature_dtype": "float32"}
+    with pytest.raises(ValueError, match="Unknown SLED setting"):
+        generation_settings("sled", method_settings={"rate": 2})
+    with pytest.raises(ValueError, match="evolution_rate"):
+        generation_settings("sled", method_settings={"evolution_rate": -1})
+
+
+def test_run_mc_and_open_ended_with_sled(tiny_llama, tmp_path, monkeypatch):
+    """dola.ipynb's runs with SLED beside DoLa: SLED's MC rows equal SLED's own scorer on the same answers
+    (both protocols), and its answers are the ``sled`` decoder's."""
+    import earlyexit.studies.openended as oe
+    from earlyexit.methods.dola import generate
+    from earlyexit.methods.sled import SledSettings
+    from earlyexit.studies.truthfulqa import mc_rows, open_ended_decodings, run_mc
+
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny_llama
+    items = [ITEM, TruthfulQAItem(1, "Who wrote Hamlet?", "Shakespeare", ["Shakespeare"], ["Marlowe"])]
+    doc = run_mc(model, tok, items, results_dir=tmp_path, n_boot=10)
+    assert {"sled", "sled (authors' post_softmax=False)"} <= set(doc["decodings"])
+    assert doc["meta"]["settings"]["sled"]["evolution_steps"] == 10 and doc["meta"]["settings"]["complete"]
+    raws = mc_raw(model, tok, items, layers=[], sled=SledSettings.mc())
+    for name, post in (("sled", True), ("sled (authors' post_softmax=False)", False)):
+        want = evaluate(raws, "sled", post_softmax=post, n_boot=10).as_dict()
+        assert [it["scores_true"] for it in doc["decodings"][name]["items"]] == \
+            [it["scores_true"] for it in want["items"]]
+    assert next(r for r in mc_rows(doc) if r["decoding"] == "sled")["layers"] == "all 4 entries below the top"
+    assert run_mc(model, tok, items, results_dir=tmp_path, sled=False, n_boot=10)["decodings"].keys().isdisjoint(
+        {"sled"})
+    assert open_ended_decodings() == ("vanilla", "dola", "sled")  # what run_open_ended answers with
+    settings = generation_settings("sled", max_new_tokens=20, batch_size=2,  # the tiny context: 256 tokens
+                                   method_settings={"evolution_scale": 5})
+    got = oe.generate_answers(model, tok, items, settings)
+    assert got["meta"]["settings"]["method_settings"]["evolution_scale"] == 5
+    direct = generate(model, tok, [oe.truthfulqa_prompt(it.question) for it in items], decoding="sled",
+                      repetition_penalty=1.0, max_new_tokens=20, stop=("Q:",), batch_size=2,
+                      method_settings={"evolution_scale": 5})
+    assert [r["token_ids"] for r in got["items"]] == [list(d.token_ids) for d in direct]
 
 
 # --- CLI ----------------------------------------------------------------------------------------

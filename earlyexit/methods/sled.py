@@ -433,3 +433,25 @@ def _sled(model, *, evolution_scale: int = EVOLUTION_SCALE, evolution_rate: floa
 # the settings of the "sled" scorer beyond repetition_penalty / premature_lens (resolve_settings' method_settings)
 SLED_SETTINGS = ("evolution_scale", "evolution_rate", "evolution_steps", "evolution_lower_bound", "sled_layers",
                  "premature_dtype")
+
+
+def sled_method_settings(overrides: dict[str, Any] | None = None, *, mc: bool = False) -> dict[str, Any]:
+    """Every setting of the ``"sled"`` scorer (:data:`SLED_SETTINGS`), the authors' defaults (generation,
+    or MC scoring with ``mc=True``) overridden by ``overrides``, validated: what a run records.
+
+    >>> sled_method_settings({"evolution_rate": 2.5})["evolution_rate"]
+    2.5
+    >>> sled_method_settings({"k": 3})
+    Traceback (most recent call last):
+    ValueError: Unknown SLED setting(s) ['k']: use evolution_scale, evolution_rate, evolution_steps, evolution_lower_bound, sled_layers, premature_dtype.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SLED_SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown SLED setting(s) {unknown}: use {', '.join(SLED_SETTINGS)}.")
+    layers = overrides.pop("sled_layers", None)
+    base = SledSettings.mc() if mc else SledSettings()
+    s = SledSettings(**{**asdict(base), "layers": layers, **overrides})  # validated here
+    return {"evolution_scale": s.evolution_scale, "evolution_rate": s.evolution_rate,
+            "evolution_steps": s.evolution_steps, "evolution_lower_bound": s.evolution_lower_bound,
+            "sled_layers": None if s.layers is None else list(s.layers), "premature_dtype": s.premature_dtype}

@@ -1,8 +1,8 @@
-"""``dola.ipynb``: DoLa on TruthfulQA, multiple choice and open-ended answers.
+"""``dola.ipynb``: DoLa and SLED on TruthfulQA, multiple choice and open-ended answers.
 
 Results (all in ``results_dir``, the model in every name): ``dola_mc_<model>.json`` (``truthfulqa-mc``),
-``dola_generate_vanilla_<model>.json`` and ``dola_generate_dola_<model>.json`` (``truthfulqa-generate``,
-the answers; a run resumes from them), ``dola_scores_<model>.json`` (``truthfulqa-scores``). Caches of a
+``dola_generate_<decoding>_<model>.json`` for vanilla, dola and sled (``truthfulqa-generate``, the
+answers; a run resumes from them), ``dola_scores_<model>.json`` (``truthfulqa-scores``). Caches of a
 run (MC log-probabilities, per-answer scores) go to ``results_dir/cache``, so a subset run with its own
 ``results_dir`` never touches the full run's files.
 """
@@ -15,10 +15,9 @@ from typing import Any
 from earlyexit.core.results import GenerateResults, MCResults, ScoresResults, model_tag
 from earlyexit.plotting import save_figure
 from earlyexit.reports import load_or_compute as _load_or_compute
-from earlyexit.studies.truthfulqa import (answer_lengths, mc2_saturation, mc_rows, open_ended_findings,  # noqa: F401
-                                          open_ended_rows, paired_differences, premature_histograms)
-
-DECODINGS = ("vanilla", "dola")
+from earlyexit.studies.truthfulqa import (answer_lengths, mc2_saturation, mc_rows, open_ended_decodings,  # noqa: F401
+                                          open_ended_findings, open_ended_rows, paired_differences,
+                                          premature_histograms)
 
 
 @dataclass
@@ -37,23 +36,25 @@ class TruthfulQAResults:
         return [self.mc, self.scores, *self.generations.values()]
 
 
-def paths(results_dir, model) -> dict[str, Path]:
+def paths(results_dir, model, sled: bool = True) -> dict[str, Path]:
     out = {"mc": MCResults.path(results_dir, model), "scores": ScoresResults.path(results_dir, model)}
-    out.update({f"generate-{d}": GenerateResults.path(results_dir, model, decoding=d) for d in DECODINGS})
+    out.update({f"generate-{d}": GenerateResults.path(results_dir, model, decoding=d)
+                for d in open_ended_decodings(sled)})
     return out
 
 
-def load(results_dir, model) -> TruthfulQAResults:
-    p = paths(results_dir, model)
+def load(results_dir, model, sled: bool = True) -> TruthfulQAResults:
+    p = paths(results_dir, model, sled)
     return TruthfulQAResults(MCResults.load(p["mc"]), ScoresResults.load(p["scores"]),
-                             {d: GenerateResults.load(p[f"generate-{d}"]) for d in DECODINGS})
+                             {d: GenerateResults.load(p[f"generate-{d}"]) for d in open_ended_decodings(sled)})
 
 
 def compute(model: str = "smollm2-135m", *, results_dir="results", limit: int | None = None, data_dir=None,
-            bertscore: str = "minilm", n_boot: int = 2000, gen_batch_size: int = 16, allow_partial: bool = False,
-            progress: bool = True) -> TruthfulQAResults:
-    """MC (vanilla, DoLa high / low, static DoLa) and open-ended answers with their scores; the files are
-    written into ``results_dir`` as they are made, then read back."""
+            bertscore: str = "minilm", n_boot: int = 2000, gen_batch_size: int = 16, sled: bool = True,
+            allow_partial: bool = False, progress: bool = True) -> TruthfulQAResults:
+    """MC (vanilla, DoLa high / low, static DoLa, and with ``sled`` SLED) and open-ended answers (vanilla,
+    DoLa, SLED) with their scores; the files are written into ``results_dir`` as they are made, then
+    read back."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,12 +65,13 @@ def compute(model: str = "smollm2-135m", *, results_dir="results", limit: int | 
     items = load_truthfulqa(data_dir, limit)
     net, tok = load_model(model)
     print(f"{model}: {len(items)} TruthfulQA questions", flush=True)
-    run_mc(net, tok, items, results_dir=results_dir, n_boot=n_boot, allow_partial=allow_partial, progress=progress)
+    run_mc(net, tok, items, results_dir=results_dir, sled=sled, n_boot=n_boot, allow_partial=allow_partial,
+           progress=progress)
     run_open_ended(net, tok, items, results_dir=results_dir, batch_size=gen_batch_size, bertscore=bertscore,
-                   n_boot=n_boot, allow_partial=allow_partial, progress=progress)
+                   n_boot=n_boot, sled=sled, allow_partial=allow_partial, progress=progress)
     parameters = {"model": model, "limit": limit, "bertscore": bertscore, "n_boot": n_boot,
-                  "gen_batch_size": gen_batch_size, "allow_partial": allow_partial}
-    res = load(results_dir, model)
+                  "gen_batch_size": gen_batch_size, "sled": sled, "allow_partial": allow_partial}
+    res = load(results_dir, model, sled)
     for r in (res.mc, res.scores):  # record how they were asked for (checked when they are reused)
         r.payload["parameters"] = parameters
         r.save(r.source)
@@ -78,17 +80,19 @@ def compute(model: str = "smollm2-135m", *, results_dir="results", limit: int | 
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",
                     limit: int | None = None, data_dir=None, bertscore: str = "minilm", n_boot: int = 2000,
-                    gen_batch_size: int = 16, allow_partial: bool = False, progress: bool = True) -> TruthfulQAResults:
-    """The four files of :func:`paths`: read them (``recompute=False`` and all present), else compute
+                    gen_batch_size: int = 16, sled: bool = True, allow_partial: bool = False,
+                    progress: bool = True) -> TruthfulQAResults:
+    """The files of :func:`paths`: read them (``recompute=False`` and all present), else compute
     (reusing the answer files and caches in ``results_dir`` that match)."""
     def run():
         return compute(model, results_dir=results_dir, limit=limit, data_dir=data_dir, bertscore=bertscore,
-                       n_boot=n_boot, gen_batch_size=gen_batch_size, allow_partial=allow_partial, progress=progress)
+                       n_boot=n_boot, gen_batch_size=gen_batch_size, sled=sled, allow_partial=allow_partial,
+                       progress=progress)
 
-    res = _load_or_compute(paths(results_dir, model), lambda: load(results_dir, model), run, recompute=recompute,
-                           parameters=None, what="truthfulqa")
+    res = _load_or_compute(paths(results_dir, model, sled), lambda: load(results_dir, model, sled), run,
+                           recompute=recompute, parameters=None, what="truthfulqa")
     for r in (res.mc, res.scores):
-        r.check_parameters({"model": model, "limit": limit, "bertscore": bertscore, "n_boot": n_boot})
+        r.check_parameters({"model": model, "limit": limit, "bertscore": bertscore, "n_boot": n_boot, "sled": sled})
     return res
 
 
@@ -202,7 +206,14 @@ def side_by_side(res: TruthfulQAResults, k: int = 6, seed: int = 0):
 
 
 def findings(res: TruthfulQAResults) -> str:
-    return "\n".join(open_ended_findings(res.scores["decodings"], res.generations))
+    """Markdown: DoLa against vanilla, then (when SLED ran) SLED against vanilla and against DoLa."""
+    pairs = [("vanilla", "dola"), ("vanilla", "sled"), ("dola", "sled")]
+    parts = []
+    for base, other in pairs:
+        lines = open_ended_findings(res.scores["decodings"], res.generations, base=base, other=other)
+        if lines:
+            parts.append(f"**{other} vs {base}** ({res.model})\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def draw_all(res: TruthfulQAResults, figures_dir="figures") -> list[Any]:

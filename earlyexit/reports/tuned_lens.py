@@ -47,21 +47,47 @@ def trajectory(model, tokenizer, prompt: str, lenses: dict) -> dict[str, Any]:
     return out
 
 
+def quick_settings(train_tokens: int, seq_len: int = 512):
+    """The default recipe (:class:`~earlyexit.core.tuned_lens.TrainSettings`) cut to ``train_tokens`` tokens
+    of KL steps and of least-squares start (a quick look or a test, never the model's stored lens).
+
+    >>> s = quick_settings(1024)
+    >>> s.tokens, s.init_tokens, s.tokens_per_step, s.steps
+    (1024, 1024, 1024, 1)
+    """
+    import dataclasses
+
+    from earlyexit.core.checks import check_int
+    from earlyexit.core.tuned_lens import TrainSettings
+
+    check_int(train_tokens, "train_tokens", minimum=seq_len)
+    base = TrainSettings(seq_len=seq_len)
+    per_step = max(seq_len, min(base.tokens_per_step, train_tokens) // seq_len * seq_len)
+    return dataclasses.replace(base, tokens=train_tokens, init_tokens=min(base.init_tokens, train_tokens),
+                               tokens_per_step=per_step).validate()
+
+
 def compute(model: str = "smollm2-135m", *, limit: int | None = None, seq_len: int = 512, prompt: str = PROMPT,
-            batch: int = 4, progress: bool = True) -> TunedLensResults:
-    """Load ``model`` and its tuned lens (trained on first use), evaluate both lenses on ``limit`` held-out
-    windows (default :data:`DEFAULT_WINDOWS`) and read the trajectory of ``prompt``; the result (not saved)."""
+            train_tokens: int | None = None, batch: int = 4, progress: bool = True) -> TunedLensResults:
+    """Load ``model`` and its tuned lens (the stored one, trained on first use with the default recipe), evaluate
+    both lenses on ``limit`` held-out windows (default :data:`DEFAULT_WINDOWS`) and read the trajectory of
+    ``prompt``; the result (not saved). ``train_tokens``: instead train a lens of :func:`quick_settings` for
+    this run only (not stored, so ``lens="tuned"`` elsewhere is untouched)."""
     import torch
 
     from earlyexit.core.models import load_model
-    from earlyexit.core.tuned_lens import heldout_windows, tuned_lens_for
+    from earlyexit.core.tuned_lens import heldout_windows, train_tuned_lens, tuned_lens_for
 
     torch.manual_seed(0)
     llm, tok = load_model(model)
-    tuned = tuned_lens_for(llm, tok, progress=progress)
+    if train_tokens is None:
+        tuned = tuned_lens_for(llm, tok, progress=progress)
+    else:
+        tuned = train_tuned_lens(llm, tok, quick_settings(train_tokens, seq_len), progress=progress)
     windows = heldout_windows(tok, seq_len=seq_len, limit=limit or DEFAULT_WINDOWS)
     return build(llm, tok, tuned, windows, parameters={"model": model, "limit": limit, "seq_len": seq_len,
-                                                        "prompt": prompt}, batch=batch, progress=progress)
+                                                        "prompt": prompt, "train_tokens": train_tokens},
+                 batch=batch, progress=progress)
 
 
 def build(llm, tok, tuned, windows, *, parameters: dict, batch: int = 4, progress: bool = False) -> TunedLensResults:
@@ -89,17 +115,19 @@ def build(llm, tok, tuned, windows, *, parameters: dict, batch: int = 4, progres
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",
                     limit: int | None = None, seq_len: int = 512, prompt: str = PROMPT,
-                    progress: bool = True) -> TunedLensResults:
+                    train_tokens: int | None = None, progress: bool = True) -> TunedLensResults:
     """``results_dir/tuned_lens_<model>.json``: read it (``recompute=False`` and present), else compute and save it."""
     path = TunedLensResults.path(results_dir, model)
 
     def run():
-        res = compute(model, limit=limit, seq_len=seq_len, prompt=prompt, progress=progress)
+        res = compute(model, limit=limit, seq_len=seq_len, prompt=prompt, train_tokens=train_tokens,
+                      progress=progress)
         res.save(path)
         return TunedLensResults.load(path)
 
     return _load_or_compute({"tuned_lens": path}, lambda: TunedLensResults.load(path), run, recompute=recompute,
-                            parameters={"model": model, "limit": limit, "seq_len": seq_len}, what="tuned lens")
+                            parameters={"model": model, "limit": limit, "seq_len": seq_len,
+                                        "train_tokens": train_tokens}, what="tuned lens")
 
 
 # --- tables and figures ----------------------------------------------------------------------------

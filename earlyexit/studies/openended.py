@@ -38,10 +38,17 @@ def generation_settings(decoding: str, *, dola_layers: str | Sequence[int] = "hi
                         premature_layer: int | None = None, repetition_penalty: float | None = None,
                         max_new_tokens: int = OPEN_ENDED_MAX_NEW_TOKENS, relative_top: float = 0.1,
                         premature_lens: str = "raw",
-                        batch_size: int = 8) -> dict[str, Any]:
+                        batch_size: int = 8, method_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full settings of a generation run (what a results file records and a cache is keyed by).
 
-    ``repetition_penalty=None`` takes the protocol's: 1.0 for vanilla, 1.2 for DoLa.
+    ``repetition_penalty=None`` takes the protocol's: 1.0 for vanilla, 1.2 for DoLa. ``method_settings``:
+    the further settings of another registered method (passed to its scorer); for ``"sled"`` every one
+    of them is recorded, the authors' generation defaults (:class:`~earlyexit.methods.sled.SledSettings`)
+    filled in, and ``relative_top`` (DoLa's) is not.
+
+    >>> s = generation_settings("sled", method_settings={"evolution_scale": 20})
+    >>> s["method_settings"]["evolution_scale"], s["method_settings"]["evolution_steps"], "relative_top" in s
+    (20, 1, False)
     """
     from earlyexit.core.checks import check_int, check_int_list
     from earlyexit.core.decoding import check_decoding, check_penalty, default_penalty
@@ -65,8 +72,14 @@ def generation_settings(decoding: str, *, dola_layers: str | Sequence[int] = "hi
         if premature_layer is None:
             raise ValueError("decoding 'dola-static' needs a premature layer (--premature-layer K).")
         s.update(premature_layer=int(premature_layer))
-    if decoding != "vanilla":
+    if decoding == "sled":
+        from earlyexit.methods.sled import sled_method_settings
+
+        s.update(premature_lens=premature_lens, method_settings=sled_method_settings(method_settings))
+    elif decoding != "vanilla":
         s.update(relative_top=float(relative_top), premature_lens=premature_lens)
+    if method_settings and decoding != "sled":
+        s["method_settings"] = dict(method_settings)
     s["batch_size"] = int(batch_size)
     return s
 
@@ -74,7 +87,7 @@ def generation_settings(decoding: str, *, dola_layers: str | Sequence[int] = "hi
 def _generate_kwargs(s: dict) -> dict:
     kw = {"decoding": s["decoding"], "repetition_penalty": s["repetition_penalty"],
           "max_new_tokens": s["max_new_tokens"], "stop": tuple(s["stop"]), "batch_size": s["batch_size"]}
-    for k in ("dola_layers", "premature_layer", "relative_top", "premature_lens"):
+    for k in ("dola_layers", "premature_layer", "relative_top", "premature_lens", "method_settings"):
         if k in s:
             kw[k] = s[k]
     return kw

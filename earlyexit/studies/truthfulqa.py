@@ -32,23 +32,38 @@ STUDY_OPEN_ENDED = {  # the original study's table (Llama-7B-class generations),
 }
 
 
+def _mc_raws(model, tokenizer, items, *, layers, lens, allow_partial, progress, sled=None):
+    """The cached per-token MC arrays of ``items`` (computing what is missing unless ``allow_partial``
+    finds an unfinished run to use as it is) and which questions each process scored."""
+    raws = mc_raw_available(model, items, layers=layers, lens=lens, sled=sled) if allow_partial else []
+    if len(raws) == len(items) or not raws:
+        return mc_raw_cached(model, tokenizer, items, layers=layers, lens=lens, progress=progress, sled=sled,
+                             return_info=True)
+    return raws, None
+
+
 def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
-           lens: str = "raw", n_boot: int = 2000, seed: int = 0, allow_partial: bool = False,
+           lens: str = "raw", sled: bool = True, n_boot: int = 2000, seed: int = 0, allow_partial: bool = False,
            progress: bool = False) -> dict[str, Any]:
     """Vanilla, DoLa high, DoLa low and static DoLa (layer chosen by 2-fold cross-validation) from one
-    pass over the questions; writes ``results_dir/dola_mc_<model>.json`` (a ``truthfulqa-mc`` results file)
-    and returns its content.
+    pass over the questions, and with ``sled`` SLED (the authors' MC settings,
+    :meth:`~earlyexit.methods.sled.SledSettings.mc`) from a second pass, scored both by the evolved
+    distribution's log-probabilities (the protocol of the other rows) and by the authors' default
+    ``post_softmax=False`` (summed evolved logits); writes ``results_dir/dola_mc_<model>.json`` (a
+    ``truthfulqa-mc`` results file) and returns its content.
 
     ``allow_partial`` evaluates only the questions an unfinished cached run has done (``n`` says how
     many) instead of computing the rest."""
     from earlyexit.core.meta import run_metadata
+    from earlyexit.methods.sled import SledSettings
 
     layers = mc_layers(model)
-    raws = mc_raw_available(model, items, layers=layers["all"], lens=lens) if allow_partial else []
-    info = None  # which questions each process of an accelerate launch group scored
-    if len(raws) == len(items) or not raws:
-        raws, info = mc_raw_cached(model, tokenizer, items, layers=layers["all"], lens=lens, progress=progress,
-                                   return_info=True)
+    # info: which questions each process of an accelerate launch group scored
+    raws, info = _mc_raws(model, tokenizer, items, layers=layers["all"], lens=lens, allow_partial=allow_partial,
+                          progress=progress)
+    sled_settings = SledSettings.mc() if sled else None
+    sled_raws = _mc_raws(model, tokenizer, items, layers=[], lens=lens, allow_partial=allow_partial,
+                         progress=progress, sled=sled_settings)[0] if sled else []
     results = {
         "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
         "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
@@ -56,10 +71,15 @@ def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: st
     }
     cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
     results["dola-static (2-fold CV)"] = cv["cross_fitted"]
+    if sled_raws:
+        results["sled"] = evaluate(sled_raws, "sled", n_boot=n_boot, seed=seed)
+        results["sled (authors' post_softmax=False)"] = evaluate(sled_raws, "sled", post_softmax=False,
+                                                                 n_boot=n_boot, seed=seed)
     doc = {
         "meta": run_metadata(model, len(raws), data=items, parallel=info if info and info.num_processes > 1 else None,
                              lens=lens, questions_requested=len(items),
-                             complete=len(raws) == len(items), buckets=layers, plausibility=False,
+                             complete=len(raws) == len(items) and (not sled or len(sled_raws) == len(items)),
+                             sled=sled_settings.as_dict() if sled else None, buckets=layers, plausibility=False,
                              answer_format="' ' + answer, '.' appended when missing",
                              static_selection=cv["cross_fitted"].settings["selection"], n_boot=n_boot, seed=seed),
         "decodings": {k: r.as_dict() for k, r in results.items()},
@@ -78,7 +98,9 @@ def mc_rows(doc: dict) -> list[dict]:
         for k in METRICS:
             ci = r["ci"][k]
             row[k] = f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-        row["layers"] = r["settings"]["candidates"] if name != "vanilla" else "-"
+        st = r["settings"]
+        row["layers"] = "-" if name == "vanilla" else st["candidates"] if "candidates" in st else \
+            f"all {len(st['layers'])} entries below the top" if st.get("layers") is not None else "-"
         rows.append(row)
     for name in ("vanilla", "dola"):
         p = doc["paper"][name]
@@ -87,11 +109,17 @@ def mc_rows(doc: dict) -> list[dict]:
     return rows
 
 
+def open_ended_decodings(sled: bool = True) -> tuple[str, ...]:
+    """The decodings of the open-ended runs: vanilla, DoLa high and (``sled``) SLED."""
+    return ("vanilla", "dola", "sled") if sled else ("vanilla", "dola")
+
+
 def run_open_ended(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
                    batch_size: int = 16, bertscore: str = "minilm", n_boot: int = 2000, seed: int = 0,
-                   allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Vanilla (penalty 1.0) and DoLa-high (1.2) answers (reusing ``dola_generate_<decoding>_<model>.json``
-    when they hold this model, these questions and settings), scored; writes ``dola_scores_<model>.json``
+                   sled: bool = True, allow_partial: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Vanilla (penalty 1.0), DoLa-high (1.2) and with ``sled`` SLED (the authors' generation settings,
+    penalty 1.0) answers (reusing ``dola_generate_<decoding>_<model>.json`` when they hold this model,
+    these questions and settings), scored; writes ``dola_scores_<model>.json``
     (``{"decodings": {name: scores}, "study": ...}``).
 
     ``allow_partial`` scores an unfinished answers file on the questions it has (reported as such)
@@ -103,7 +131,7 @@ def run_open_ended(model, tokenizer, items: Sequence[TruthfulQAItem], *, results
     from earlyexit.core.models import model_name
 
     out: dict[str, Any] = {"generations": {}, "scores": {}}
-    for decoding in ("vanilla", "dola"):
+    for decoding in open_ended_decodings(sled):
         settings = generation_settings(decoding, batch_size=batch_size)
         path = GenerateResults.path(results_dir, model, decoding=decoding)
         doc = None
@@ -241,8 +269,10 @@ def paired_differences(mc_doc: dict, base: str = "vanilla", n_boot: int = 2000, 
         if name == base:
             continue
         row: dict[str, Any] = {"decoding": f"{name} − {base}"}
+        both = [it for it in r["items"] if it["index"] in ref]  # an unfinished run: the questions both have
+        row["n"] = len(both)
         for k in METRICS:
-            d = np.array([it[k] - ref[it["index"]][k] for it in r["items"]])
+            d = np.array([it[k] - ref[it["index"]][k] for it in both])
             ci = bootstrap_ci(d, n_boot=n_boot, seed=seed)
             row[k] = f"{ci.estimate:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]"
         rows.append(row)
