@@ -24,8 +24,13 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
             batch_size: int = 32, cache_dir=None, seed: int = 0, lens: str = "normed",
             progress: bool = True) -> ProbesResults:
     """Features (cached on disk) and probes for each condition; the result (not yet saved). ``lens``: the
-    lens whose log-probabilities make the ``"lens"`` feature (:data:`~earlyexit.core.lenses.LENS_NAMES`)."""
+    lens whose log-probabilities make the ``"lens"`` feature (:data:`~earlyexit.core.lenses.LENS_NAMES`).
+    ``loto_kinds``: the feature kinds of the leave-one-topic-out runs (None: all ``kinds``; empty: no
+    leave-one-topic-out, as ``loto=False``)."""
     import torch
+
+    if loto_kinds is not None and not list(loto_kinds):
+        loto = False
 
     from earlyexit.core.models import load_model
     from earlyexit.studies.data import load_true_false
