@@ -89,6 +89,13 @@ def load_or_compute(results_dir="results", *, recompute: bool = False, model: st
                        n_boot=n_boot, gen_batch_size=gen_batch_size, sled=sled, allow_partial=allow_partial,
                        progress=progress)
 
+    without = paths(results_dir, model, sled=False)
+    if sled and not recompute and all(p.exists() for p in without.values()) \
+            and not paths(results_dir, model)["generate-sled"].exists():
+        # results saved before SLED joined the notebook: redraw them as they are, say how to add SLED
+        print(f"truthfulqa: no SLED results for {model} in {results_dir}; showing the saved vanilla and DoLa "
+              "results (recompute=True adds SLED, reusing the saved answers and caches)", flush=True)
+        sled = False
     res = _load_or_compute(paths(results_dir, model, sled), lambda: load(results_dir, model, sled), run,
                            recompute=recompute, parameters=None, what="truthfulqa")
     for r in (res.mc, res.scores):
