@@ -21,7 +21,7 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is"
 LENSES = ("logit", "tuned")
 METRIC_LABELS = {"kl": "KL(final ‖ lens) (nats)", "ce": "cross-entropy, next token (nats)",
                  "top1": "top-1 agreement with the final layer", "entropy": "entropy (nats)"}
-DEFAULT_WINDOWS = 64  # held-out windows of 512 tokens when limit is None: 32,704 positions
+DEFAULT_WINDOWS = 16  # held-out windows of 512 tokens when limit is None: 8,176 positions
 
 
 class TunedLensResults(ResultFile):
