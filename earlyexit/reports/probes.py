@@ -210,10 +210,14 @@ def show_loto_tables(res) -> None:
 
 
 def plot_loto(res, figures_dir="figures"):
-    """Test accuracy on each held-out topic: majority votes and LM baselines."""
+    """Test accuracy on each held-out topic: majority votes and LM baselines (None, and no file, when the run
+    had no leave-one-topic-out)."""
     import matplotlib.pyplot as plt
 
-    conditions = list(res["conditions"])
+    conditions = [c for c in res["conditions"] if "loto" in res["conditions"][c]]
+    if not conditions:
+        print("no leave-one-topic-out in these results (loto_kinds was empty): no figure")
+        return None
     fig, axes = plt.subplots(1, len(conditions), figsize=(6 * len(conditions), 3.6), squeeze=False, sharey=True)
     for ax, condition in zip(axes[0], conditions):
         rep = res["conditions"][condition]
