@@ -56,7 +56,7 @@ def _run_probes(args: argparse.Namespace) -> int:
     res = compute(args.model, limit=args.limit, data_dir=args.data_dir, conditions=args.condition, kinds=kinds,
                   loto=not args.no_loto, loto_kinds=loto_kinds, taps=parse_layers(args.taps),
                   batch_size=args.batch_size, cache_dir=args.cache_dir, seed=args.seed, lens=args.lens,
-                      progress=True)
+                  progress=True)
     out = res.save(ProbesResults.path(args.out, args.model))
     from earlyexit.core.parallel import is_main_process
 

@@ -47,7 +47,9 @@ def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: st
            progress: bool = False) -> dict[str, Any]:
     """Vanilla, DoLa high, DoLa low and static DoLa (layer chosen by 2-fold cross-validation) from one
     pass over the questions, and with ``sled`` SLED (the authors' MC settings,
-    :meth:`~earlyexit.methods.sled.SledSettings.mc`) from a second pass, scored both by the evolved
+    :meth:`~earlyexit.methods.sled.SledSettings.mc`) from a second pass with a cache of its own (so the
+    DoLa pass keeps its cache key with or without SLED; the second forward costs little beside SLED's
+    head product at every premature entry), scored both by the evolved
     distribution's log-probabilities (the protocol of the other rows) and by the authors' default
     ``post_softmax=False`` (summed evolved logits); writes ``results_dir/dola_mc_<model>.json`` (a
     ``truthfulqa-mc`` results file) and returns its content.
