@@ -74,3 +74,38 @@ def store_tuned_lens(model, seed: int = 1, scale: float = 0.3):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     lens.save(store_dir(model))
     return lens
+
+
+# --- the reference loops' shared pieces (plain, uncached forwards; what the package's paths are tested against)
+
+def penalise(scores, ids, penalty: float):
+    """transformers' repetition penalty on a score vector ``[V]``, in place, one id at a time over the set of
+    ``ids``: the rule every reference decoding loop applies."""
+    for t in set(ids):
+        s = scores[t]
+        scores[t] = s * penalty if s < 0 else s / penalty
+    return scores
+
+
+def answer_forwards(model, tok, question, layers):
+    """Per answer of an MC ``question``: one plain forward of prompt + answer (no cache, no shared primer) →
+    ``(final, premature, targets)``: the head's logits at the answer positions ``[n, V]``, the RAW head's at
+    ``layers`` ``[N, n, V]`` (float32) and the answer's ids ``[n]``."""
+    import torch
+
+    from earlyexit.core.lenses import get_unembed
+    from earlyexit.studies.prompts import truthfulqa_prompt
+
+    u = get_unembed(model)
+    prompt = truthfulqa_prompt(question.question)
+    n_p = len(tok(prompt)["input_ids"])
+    out = []
+    for a in question.answers:
+        ids = tok(prompt + " " + a)["input_ids"]
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        pos = torch.arange(n_p - 1, len(ids) - 1)
+        final = u(hs[-1][0, pos], normed=False)
+        prem = torch.stack([u(hs[e][0, pos], normed=False) for e in layers])
+        out.append((final, prem, torch.tensor(ids[n_p:])))
+    return out

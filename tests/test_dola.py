@@ -14,6 +14,7 @@ from earlyexit.core.generation import eos_ids
 from earlyexit.core.lenses import get_unembed
 from earlyexit.methods.contrast import candidate_layers, dola_scores, js_distance
 from earlyexit.methods.dola import custom_generate, generate, resolve_settings
+from conftest import penalise
 
 
 def contrast_scores(final, premature, relative_top=0.1):
@@ -139,10 +140,8 @@ def reference_dola(model, ids: list[int], candidates: list[int], n_new: int, pen
             dists.append(0.5 * ((m * (m.log() - lf)).mean() + (m * (m.log() - lp)).mean()).item())
         j = int(np.argmax(dists))
         keep = lf >= lf.max() + math.log(relative_top)
-        scores = torch.where(keep, lf - prem[j], torch.tensor(float("-inf"), dtype=torch.float64))
-        for t in set(ids):
-            s = scores[t]
-            scores[t] = s * penalty if s < 0 else s / penalty
+        scores = penalise(torch.where(keep, lf - prem[j], torch.tensor(float("-inf"), dtype=torch.float64)), ids,
+                          penalty)
         tok = int(scores.argmax())
         ids.append(tok)
         new.append(tok)
@@ -155,10 +154,7 @@ def reference_vanilla(model, ids: list[int], n_new: int, penalty: float) -> list
     ids = list(ids)
     new = []
     for _ in range(n_new):
-        scores = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
-        for t in set(ids):
-            s = scores[t]
-            scores[t] = s * penalty if s < 0 else s / penalty
+        scores = penalise(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), ids, penalty)
         new.append(int(scores.argmax()))
         ids.append(new[-1])
     return new

@@ -15,6 +15,7 @@ from earlyexit.methods.dola import custom_generate, generate, resolve_settings
 from earlyexit.methods.sled import (SledSettings, candidate_cosines, evolve, latent_distribution, sled_scores,
                                     target_scores)
 from earlyexit.studies.data import TruthfulQAItem
+from conftest import answer_forwards, penalise
 from earlyexit.studies.mc import evaluate, mc_question, mc_raw, mc_raw_cached, question_raw
 
 
@@ -276,10 +277,7 @@ def reference_sled(model, ids, n_new, *, layers, k=50, rate=2.0, steps=1, floor=
         out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
         final = out.logits[0, -1].double()[None]
         prem = torch.stack([u(out.hidden_states[e][0, -1], normed=False).double() for e in layers])[:, None]
-        scores = direct_sled(final, prem, k, rate, steps, floor)[0]
-        for t in set(ids):
-            s = scores[t]
-            scores[t] = s * penalty if s < 0 else s / penalty
+        scores = penalise(direct_sled(final, prem, k, rate, steps, floor)[0], ids, penalty)
         new.append(int(scores.argmax()))
         ids.append(new[-1])
     return new
@@ -372,24 +370,12 @@ ITEMS = [TruthfulQAItem(0, "What colour is the sky?", "The sky is blue", ["Blue"
                         ["Marlowe", "Nobody wrote Hamlet"])]
 
 
-@torch.no_grad()
 def _mc_reference(model, tok, question, settings, layers):
     """Per answer: a full forward of prompt + answer, the direct SLED in float64 at every answer position."""
-    from earlyexit.studies.prompts import truthfulqa_prompt
-
-    u = get_unembed(model)
-    prompt = truthfulqa_prompt(question.question)
-    n_p = len(tok(prompt)["input_ids"])
     out = []
-    for a in question.answers:
-        ids = tok(prompt + " " + a)["input_ids"]
-        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-        pos = torch.arange(n_p - 1, len(ids) - 1)
-        tgt = torch.tensor(ids[n_p:])
-        final = u(hs[-1][0, pos], normed=False).double()
-        prem = torch.stack([u(hs[e][0, pos], normed=False).double() for e in layers])
-        sc = direct_sled(final, prem, settings.evolution_scale, settings.evolution_rate, settings.evolution_steps,
-                         settings.evolution_lower_bound)
+    for final, prem, tgt in answer_forwards(model, tok, question, layers):
+        sc = direct_sled(final.double(), prem.double(), settings.evolution_scale, settings.evolution_rate,
+                         settings.evolution_steps, settings.evolution_lower_bound)
         lg = sc.gather(-1, tgt[:, None])[:, 0]
         out.append((torch.log_softmax(sc, -1).gather(-1, tgt[:, None])[:, 0], lg))
     return out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import store_tuned_lens
+from conftest import answer_forwards, store_tuned_lens
 from earlyexit.studies.data import TruthfulQAItem
 from earlyexit.studies.mc import (MCQuestion, QuestionRaw, evaluate, format_answer, js_from_logprobs, mc_metrics,
                           mc_question, mc_raw, mc_raw_cached, question_raw, static_cross_validation)
@@ -156,21 +156,9 @@ def test_js_from_logprobs_equals_js_distance():
 def _reference(model, tok, question: MCQuestion, layers: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per answer: a plain full forward of prompt + answer; [1 + C, n] log-probs and [C, n] distances."""
     from earlyexit.methods.contrast import js_distance
-    from earlyexit.core.lenses import get_unembed
-    from earlyexit.studies.prompts import truthfulqa_prompt
 
-    u = get_unembed(model)
-    prompt = truthfulqa_prompt(question.question)
-    n_p = len(tok(prompt)["input_ids"])
     out = []
-    for a in question.answers:
-        ids = tok(prompt + " " + a)["input_ids"]
-        with torch.no_grad():
-            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-        pos = torch.arange(n_p - 1, len(ids) - 1)
-        tgt = torch.tensor(ids[n_p:])
-        final = u(hs[-1][0, pos], normed=False)
-        prem = torch.stack([u(hs[e][0, pos], normed=False) for e in layers])  # raw lens
+    for final, prem, tgt in answer_forwards(model, tok, question, layers):  # the raw lens
         lp = torch.log_softmax(torch.cat([final[None], prem]), -1).gather(-1, tgt[None, :, None].expand(
             1 + len(layers), -1, 1))[..., 0]
         out.append((lp, js_distance(final, prem)))
