@@ -10,10 +10,14 @@
    Target: ≤ 1.25× the logit lens's time (one d×d product per layer against a d×V head).
 
     python bench/tuned_lens.py [--threads 2] [--tokens N] [--windows 16] [--repeats 3]
+    python bench/tuned_lens.py --reference-only --threads 1   # only the 4×N run, stored in the results file
     python bench/tuned_lens.py --skip-reference     # reuse the 4×N run stored in the results file
 
 Writes ``results/bench_tuned_lens.json``. The 4×N run takes about four times as long as the N run: run
-it on an idle machine.
+it on an idle machine — or run it alone first with ``--reference-only`` (its wall time is not a reading,
+only its KL is, so it may run on fewer threads beside other work) and then the N run with
+``--skip-reference``; every run records its threads and held-out windows, and a stored reference
+evaluated on other windows is refused.
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ def _train_worker(scale: int, threads: int, windows: int, tokens: int | None, ou
     kl = ev.mean("kl")
     L = lens.n_layers
     lens.save(Path(out_dir) / f"lens-x{scale}")
-    return {"scale": scale, "settings": dataclasses.asdict(s), "seconds": seconds, "cpu_seconds": cpu,
+    return {"scale": scale, "threads": threads, "windows": windows, "settings": dataclasses.asdict(s),
+            "seconds": seconds, "cpu_seconds": cpu,
             "heldout_kl_per_entry": kl.tolist(), "heldout_kl_mean": float(kl[:L].mean()),
             "heldout_positions": ev.tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "log": [{k: h[k] for k in ("step", "tokens", "kl", "seconds")} for h in log]}
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true", help="reuse the stored 4×N run")
+    parser.add_argument("--reference-only", action="store_true", help="only the 4×N run, stored for --skip-reference")
     parser.add_argument("--skip-training", action="store_true", help="only the reading benchmark")
     parser.add_argument("--out", default=str(REPO / "results" / "bench_tuned_lens.json"))
     parser.add_argument("--worker", choices=["train", "read"], help=argparse.SUPPRESS)
@@ -132,12 +138,22 @@ def main(argv=None) -> int:
         common += ["--tokens", str(args.tokens)]
     doc = {"threads": args.threads, "versions": library_versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if args.reference_only:
+        print("training the recipe at 4×N tokens (the reference) ...", flush=True)
+        ref = _run(["--worker", "train", "--scale", "4", *common])
+        write_json(out_path, {**old, "training": {**old.get("training", {}), "reference": ref}})
+        print(f"4×N run: {ref['seconds'] / 60:.1f} min on {args.threads} thread(s), held-out KL "
+              f"{ref['heldout_kl_mean']:.3f} nats over {ref['heldout_positions']} positions; wrote {out_path}")
+        return 0
     lens_dir = None
     if not args.skip_training:
         print("training the recipe at N tokens ...", flush=True)
         n_run = _run(["--worker", "train", "--scale", "1", *common])
         if args.skip_reference and old.get("training", {}).get("reference"):
             ref = old["training"]["reference"]
+            if ref.get("windows") != args.windows:
+                raise SystemExit(f"the stored 4×N run was evaluated on {ref.get('windows')} held-out windows, this "
+                                 f"run on {args.windows}: pass --windows {ref.get('windows')} or drop --skip-reference")
         else:
             print("training the same recipe at 4×N tokens (the reference) ...", flush=True)
             ref = _run(["--worker", "train", "--scale", "4", *common])

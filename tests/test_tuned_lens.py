@@ -453,6 +453,21 @@ def test_cli_refuses_bad_tokens(capsys):
     assert "positive number of training tokens" in capsys.readouterr().err
 
 
+def test_cli_trains_with_the_models_recipe_and_flags_override_it():
+    import argparse
+
+    from earlyexit.cli import tuned_lens as cli
+    from earlyexit.core.tuned_lens import RECIPES, TrainSettings, default_settings
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    read = lambda *extra: cli._settings(parser.parse_args(["tuned-lens", "train", "--out", "x", *extra]))
+    assert read("--model", "smollm2-135m") == TrainSettings()
+    assert read("--model", "gemma3-270m").lr_scale == RECIPES["gemma3-270m"]["lr_scale"] != TrainSettings().lr_scale
+    assert read("--model", "gemma3-270m", "--lr-scale", "0.5").lr_scale == 0.5
+    assert default_settings("some/hub-model") == TrainSettings()
+
+
 def test_features_cache_key_carries_the_tuned_lens():
     from earlyexit.studies.features import FeatureSettings, chunk_key
 

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = cmds.add_parser("train", help="train a tuned lens on the held-in split of the prose corpus")
     t.add_argument("--model", default="smollm2-135m", help="embedded short name, Hugging Face id or local folder")
     t.add_argument("--tokens", type=_positive, default=None, help="training tokens of KL steps (default: the "
-                   "package default, see earlyexit.core.tuned_lens.TrainSettings)")
+                   "model's recipe, see earlyexit.core.tuned_lens.default_settings)")
     t.add_argument("--out", required=True, help="folder to write the lens to (config.json, params.pt, earlyexit.json)")
     t.add_argument("--seq-len", type=_positive, default=None)
     t.add_argument("--tokens-per-step", type=_positive, default=None)
@@ -60,12 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from earlyexit.core.tuned_lens import TrainSettings
+    from earlyexit.core.tuned_lens import TrainSettings, default_settings
 
     fields = {"tokens": args.tokens, "seq_len": args.seq_len, "tokens_per_step": args.tokens_per_step,
               "init": args.init, "init_tokens": args.init_tokens, "optimizer": args.optimizer,
               "lr_scale": args.lr_scale, "dtype": args.dtype, "seed": args.seed}
-    base = TrainSettings()
+    base = default_settings(args.model)  # the model's recipe (RECIPES), then the flags
     kw = {k: v for k, v in fields.items() if v is not None}
     if args.tokens is not None and args.tokens <= 0:
         raise ValueError(f"--tokens must be a positive number of training tokens, got {args.tokens}")

@@ -47,8 +47,8 @@ def trajectory(model, tokenizer, prompt: str, lenses: dict) -> dict[str, Any]:
     return out
 
 
-def quick_settings(train_tokens: int, seq_len: int = 512):
-    """The default recipe (:class:`~earlyexit.core.tuned_lens.TrainSettings`) cut to ``train_tokens`` tokens
+def quick_settings(train_tokens: int, seq_len: int = 512, model: str | None = None):
+    """``model``'s recipe (:func:`~earlyexit.core.tuned_lens.default_settings`) cut to ``train_tokens`` tokens
     of KL steps and of least-squares start (a quick look or a test, never the model's stored lens).
 
     >>> s = quick_settings(1024)
@@ -58,10 +58,10 @@ def quick_settings(train_tokens: int, seq_len: int = 512):
     import dataclasses
 
     from earlyexit.core.checks import check_int
-    from earlyexit.core.tuned_lens import TrainSettings
+    from earlyexit.core.tuned_lens import default_settings
 
     check_int(train_tokens, "train_tokens", minimum=seq_len)
-    base = TrainSettings(seq_len=seq_len)
+    base = dataclasses.replace(default_settings(model), seq_len=seq_len)
     per_step = max(seq_len, min(base.tokens_per_step, train_tokens) // seq_len * seq_len)
     return dataclasses.replace(base, tokens=train_tokens, init_tokens=min(base.init_tokens, train_tokens),
                                tokens_per_step=per_step).validate()
@@ -69,7 +69,7 @@ def quick_settings(train_tokens: int, seq_len: int = 512):
 
 def compute(model: str = "smollm2-135m", *, limit: int | None = None, seq_len: int = 512, prompt: str = PROMPT,
             train_tokens: int | None = None, batch: int = 4, progress: bool = True) -> TunedLensResults:
-    """Load ``model`` and its tuned lens (the stored one, trained on first use with the default recipe), evaluate
+    """Load ``model`` and its tuned lens (the stored one, trained on first use with the model's recipe), evaluate
     both lenses on ``limit`` held-out windows (default :data:`DEFAULT_WINDOWS`) and read the trajectory of
     ``prompt``; the result (not saved). ``train_tokens``: instead train a lens of :func:`quick_settings` for
     this run only (not stored, so ``lens="tuned"`` elsewhere is untouched)."""
@@ -83,7 +83,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, seq_len: i
     if train_tokens is None:
         tuned = tuned_lens_for(llm, tok, progress=progress)
     else:
-        tuned = train_tuned_lens(llm, tok, quick_settings(train_tokens, seq_len), progress=progress)
+        tuned = train_tuned_lens(llm, tok, quick_settings(train_tokens, seq_len, model), progress=progress)
     windows = heldout_windows(tok, seq_len=seq_len, limit=limit or DEFAULT_WINDOWS)
     return build(llm, tok, tuned, windows, parameters={"model": model, "limit": limit, "seq_len": seq_len,
                                                         "prompt": prompt, "train_tokens": train_tokens},
