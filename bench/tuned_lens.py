@@ -1,6 +1,6 @@
 """Benchmark: training the tuned lens of SmolLM2 on 2 threads, and its cost when reading.
 
-1. **Training to convergence.** The default recipe (:class:`earlyexit.core.tuned_lens.TrainSettings`) at
+1. **Training to convergence.** SmolLM2's recipe (:func:`earlyexit.core.tuned_lens.default_settings`) at
    its token budget N and the same recipe at 4×N (every token count ×4: KL steps and the least-squares
    start), each from scratch in a fresh process; both evaluated on the same held-out windows. Reported:
    the wall time of the N run and its held-out KL (mean over entries 0..L−1) against the 4×N run's.
@@ -40,10 +40,10 @@ def _train_worker(scale: int, threads: int, windows: int, tokens: int | None, ou
 
     torch.set_num_threads(threads)
     from earlyexit import load_model
-    from earlyexit.core.tuned_lens import TrainSettings, evaluate_lenses, heldout_windows, train_tuned_lens
+    from earlyexit.core.tuned_lens import default_settings, evaluate_lenses, heldout_windows, train_tuned_lens
 
     model, tok = load_model("smollm2-135m", device="cpu")
-    base = TrainSettings()
+    base = default_settings("smollm2-135m")
     n = tokens or base.tokens
     s = dataclasses.replace(base, tokens=n * scale, init_tokens=base.init_tokens * scale)
     held = heldout_windows(tok, seq_len=512, limit=windows)

@@ -15,8 +15,8 @@ from earlyexit.methods.dola import custom_generate, generate, resolve_settings
 from earlyexit.methods.sled import (SledSettings, candidate_cosines, evolve, latent_distribution, sled_scores,
                                     target_scores)
 from earlyexit.studies.data import TruthfulQAItem
-from conftest import answer_forwards, penalise
 from earlyexit.studies.mc import evaluate, mc_question, mc_raw, mc_raw_cached, question_raw
+from conftest import answer_forwards, penalise
 
 
 @pytest.fixture(autouse=True, scope="module")
