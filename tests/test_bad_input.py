@@ -389,9 +389,16 @@ def test_ctrl_c_in_a_real_process_is_one_line_and_130(sandbox):
     import time
 
     before = _snapshot(sandbox)
-    proc = subprocess.Popen([sys.executable, "-m", "earlyexit", "truthfulqa", "mc", "--decoding", "dola",
-                             "--out", "x.json"], cwd=sandbox, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and an ignored signal stays
+    # ignored across exec, so the child would never see it. A handled one is reset to the default on exec:
+    # handle it here while the child starts, as an interactive terminal's foreground job has it.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "earlyexit", "truthfulqa", "mc", "--decoding", "dola",
+                                 "--out", "x.json"], cwd=sandbox, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:
         time.sleep(2.0)
         proc.send_signal(signal.SIGINT)

@@ -25,6 +25,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     """Greedy answers, their lens readings at every entry (one pass per lens), BERTScore labels, the
     analysis per lens, and the early-exit decoder against greedy on the first ``decoder_limit`` questions.
     A tuned lens is used only where one is stored (``lenses`` lists it)."""
+    from earlyexit.core import parallel as parallel_
     from earlyexit.core.meta import run_metadata
     from earlyexit.core.models import load_model
     from earlyexit.studies import exit_analysis as xa
@@ -44,8 +45,9 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
         tokens = xa.collect_tokens(llm, tok, items, lens=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    cache_dir=cache_dir, progress=progress)
         parallel = parallel or tokens.parallel  # the questions each process answered (the same for every lens)
-        if scores is None:  # greedy answers do not depend on the lens: score them once
-            scores = score_answers(tokens.texts, items, scorer=scorer)
+        if scores is None:  # greedy answers do not depend on the lens: score them once, on the main process
+            scores = parallel_.broadcast(score_answers(tokens.texts, items, scorer=scorer)
+                                         if parallel_.is_main_process() else None)
             labels = {m: label_answers(scores, m, threshold) for m in LABEL_METHODS}
         per_lens[name] = xa.analyse(tokens, labels, targets=targets, n_boot=n_boot, n_perm=n_perm)
     decoders = None
