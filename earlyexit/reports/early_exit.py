@@ -25,7 +25,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     """Greedy answers, their lens readings at every entry (one pass per lens), BERTScore labels, the
     analysis per lens, and the early-exit decoder against greedy on the first ``decoder_limit`` questions.
     A tuned lens is used only where one is stored (``lenses`` lists it)."""
-    from earlyexit.core import parallel as parallel_
+    from earlyexit.core import parallel
     from earlyexit.core.meta import run_metadata
     from earlyexit.core.models import load_model
     from earlyexit.studies import exit_analysis as xa
@@ -40,14 +40,14 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
     llm, tok = load_model(model)
     usable, skipped = xa.available_lenses(llm, lenses)
     per_lens: dict[str, Any] = {}
-    labels = scores = parallel = None
+    labels = scores = shards = None
     for name in usable:
         tokens = xa.collect_tokens(llm, tok, items, lens=name, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    cache_dir=cache_dir, progress=progress)
-        parallel = parallel or tokens.parallel  # the questions each process answered (the same for every lens)
+        shards = shards or tokens.parallel  # the questions each process answered (the same for every lens)
         if scores is None:  # greedy answers do not depend on the lens: score them once, on the main process
-            scores = parallel_.broadcast(score_answers(tokens.texts, items, scorer=scorer)
-                                         if parallel_.is_main_process() else None)
+            scores = parallel.broadcast(score_answers(tokens.texts, items, scorer=scorer)
+                                        if parallel.is_main_process() else None)
             labels = {m: label_answers(scores, m, threshold) for m in LABEL_METHODS}
         per_lens[name] = xa.analyse(tokens, labels, targets=targets, n_boot=n_boot, n_perm=n_perm)
     decoders = None
@@ -66,7 +66,7 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
                 "calibration_split": "half of the questions (seeded), thresholds reported on the other half"}
     payload = {"n": len(items), "lenses": per_lens, "decoders": decoders, "parameters": parameters,
                "labels": {m: [None if not np.isfinite(v) else int(v) for v in lab] for m, lab in (labels or {}).items()}}
-    return ExitResults(meta=run_metadata(llm, len(items), data=items, parallel=parallel, **settings), payload=payload)
+    return ExitResults(meta=run_metadata(llm, len(items), data=items, parallel=shards, **settings), payload=payload)
 
 
 def load_or_compute(results_dir="results", *, recompute: bool = False, model: str = "smollm2-135m",
