@@ -412,6 +412,27 @@ def test_ctrl_c_in_a_real_process_is_one_line_and_130(sandbox):
     assert _snapshot(sandbox) == before
 
 
+def test_ctrl_c_caught_inside_an_exec_of_a_string_still_exits_130(tmp_path):
+    """A Ctrl-C that lands in an ``exec`` of a string (a dataclass being made while torch imports) is caught,
+    but CPython 3.11 remembers it and, under ``python -m``, would end the process by SIGINT (-2): the command
+    still ends with 130."""
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupted_in_exec.py").write_text(
+        "import os, runpy, signal\n"
+        "import earlyexit.cli as cli\n"
+        "def main(argv=None):\n"
+        "    exec('os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')  # the Ctrl-C, inside exec\n"
+        "cli.main = main\n"
+        "runpy.run_module('earlyexit', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "earlyexit: interrupted"
+
+
 # --- the API catalogue ------------------------------------------------------------------------------
 
 def _api_cases():
