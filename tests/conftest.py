@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# MKL (torch's CPU BLAS on x86) may round a product differently with its arrays' alignment in memory, which
+# differs from process to process: seen on an AMD EPYC, where the multi-process tests' bit-for-bit comparison
+# of launched workers with an in-process reference failed by one ulp in one cell. Conditional numerical
+# reproducibility (read by MKL when torch first calls it, so set before; inherited by the launched workers)
+# removes that.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("EARLYEXIT_DATA_DIR", REPO.parent / "shared" / "data"))
 os.environ["EARLYEXIT_DATA_DIR"] = str(DATA_DIR)

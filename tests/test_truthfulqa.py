@@ -351,6 +351,33 @@ def test_run_mc_and_open_ended_with_sled(tiny_llama, tmp_path, monkeypatch):
     assert [r["token_ids"] for r in got["items"]] == [list(d.token_ids) for d in direct]
 
 
+def test_run_mc_adds_sled_to_saved_dola_rows(tiny_llama, tmp_path, monkeypatch):
+    """SLED added to a saved run whose DoLa pass's cache is gone: the saved vanilla/DoLa rows are kept as
+    they are and only SLED's pass runs; a saved run with other settings is not reused."""
+    import json
+
+    import earlyexit.studies.truthfulqa as tq
+
+    model, tok = tiny_llama
+    items = [ITEM, TruthfulQAItem(1, "Who wrote Hamlet?", "Shakespeare", ["Shakespeare"], ["Marlowe"])]
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache-a"))
+    tq.run_mc(model, tok, items, results_dir=tmp_path, sled=False, n_boot=10)
+    saved = json.loads(tq.MCResults.path(tmp_path, model).read_text())
+    monkeypatch.setenv("EARLYEXIT_CACHE", str(tmp_path / "cache-b"))  # another machine: no cached passes
+    passes = []
+    real = tq._mc_raws
+    monkeypatch.setattr(tq, "_mc_raws", lambda *a, **k: passes.append(k.get("sled")) or real(*a, **k))
+    doc = tq.run_mc(model, tok, items, results_dir=tmp_path, n_boot=10)
+    assert len(passes) == 1 and passes[0] is not None  # SLED's pass only
+    got = json.loads(tq.MCResults.path(tmp_path, model).read_text())
+    assert {k: got["decodings"][k] for k in tq.DOLA_ROWS} == {k: saved["decodings"][k] for k in tq.DOLA_ROWS}
+    assert got["static"] == saved["static"] and "sled" in got["decodings"] and got["meta"]["settings"]["complete"]
+    assert got["meta"]["settings"]["dola_rows"].startswith("reused") and doc["meta"]["n"] == 2
+    passes.clear()  # other bootstrap settings: the saved rows do not apply, the DoLa pass runs again
+    tq.run_mc(model, tok, items, results_dir=tmp_path, n_boot=20)
+    assert passes[0] is None and len(passes) == 2
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_bad_input(tmp_path, capsys):

@@ -52,9 +52,11 @@ def compute(model: str = "smollm2-135m", *, limit: int | None = None, data_dir=N
         per_lens[name] = xa.analyse(tokens, labels, targets=targets, n_boot=n_boot, n_perm=n_perm)
     decoders = None
     if decoder_limit:  # the calibrated policies (normed lens, target 0.95) decoded for real, and the defaults
+        # on the main process only (it times the decoders: the others wait rather than compete for the cores)
         configs = xa.calibrated_configs(per_lens["normed"]) if "normed" in per_lens else []
-        decoders = xa.compare_decoders(llm, tok, items[:decoder_limit], [*configs, *decoder_configs],
-                                       max_new_tokens=max_new_tokens)
+        compared = xa.compare_decoders(llm, tok, items[:decoder_limit], [*configs, *decoder_configs],
+                                       max_new_tokens=max_new_tokens) if parallel.is_main_process() else None
+        decoders = parallel.broadcast(compared)
     parameters = {"model": model, "limit": limit, "lenses": list(lenses), "threshold": threshold, "scorer": scorer,
                   "max_new_tokens": max_new_tokens, "n_boot": n_boot, "n_perm": n_perm, "targets": list(targets),
                   "decoder_limit": decoder_limit}

@@ -42,6 +42,38 @@ def _mc_raws(model, tokenizer, items, *, layers, lens, allow_partial, progress, 
     return raws, None
 
 
+DOLA_ROWS = ("vanilla", "dola-high", "dola-low", "dola-static (2-fold CV)")
+
+
+def saved_dola_rows(results_dir: str | Path, model, items: Sequence[TruthfulQAItem], *, lens: str,
+                    layers: dict[str, list[int]], n_boot: int, seed: int) -> dict[str, Any] | None:
+    """The MC results file in ``results_dir`` when it holds the vanilla and DoLa rows of this model, these
+    questions (same data file, same n) and these settings (lens, buckets, bootstrap), complete; else ``None``.
+
+    Those rows are a function of the DoLa pass's arrays alone, so a run that adds SLED to them may take them
+    as they are instead of repeating that pass when its cache is not at hand (another machine, a cleared
+    cache): on Gemma-3 the pass takes over an hour on one core."""
+    from earlyexit.core.errors import EarlyexitError
+    from earlyexit.core.meta import data_files
+    from earlyexit.core.models import model_name
+
+    path = MCResults.path(results_dir, model)
+    if not path.exists():
+        return None
+    try:
+        doc = MCResults.load(path)
+    except (EarlyexitError, OSError, ValueError):  # unreadable or another kind: nothing to reuse, the pass runs
+        return None
+    meta, settings = doc.get("meta", {}), doc.get("meta", {}).get("settings", {})
+    same = (meta.get("model") == model_name(model) and meta.get("n") == len(items)
+            and meta.get("data", []) == data_files(items) and settings.get("complete") is True
+            and settings.get("lens") == lens and settings.get("buckets") == layers
+            and settings.get("n_boot") == n_boot and settings.get("seed") == seed
+            and all(k in doc.get("decodings", {}) for k in DOLA_ROWS) and "static" in doc
+            and [it["index"] for it in doc["decodings"]["vanilla"]["items"]] == [it.index for it in items])
+    return doc.to_dict() if same else None
+
+
 def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: str | Path = "results",
            lens: str = "raw", sled: bool = True, n_boot: int = 2000, seed: int = 0, allow_partial: bool = False,
            progress: bool = False) -> dict[str, Any]:
@@ -54,38 +86,57 @@ def run_mc(model, tokenizer, items: Sequence[TruthfulQAItem], *, results_dir: st
     ``post_softmax=False`` (summed evolved logits); writes ``results_dir/dola_mc_<model>.json`` (a
     ``truthfulqa-mc`` results file) and returns its content.
 
+    Adding SLED to a saved run: when the DoLa pass's cache is incomplete but ``results_dir`` holds its rows
+    for this model, these questions and settings (:func:`saved_dola_rows`), they are kept as saved (the
+    file's ``dola_rows`` setting says so) and only SLED's pass runs.
+
     ``allow_partial`` evaluates only the questions an unfinished cached run has done (``n`` says how
     many) instead of computing the rest."""
     from earlyexit.core.meta import run_metadata
     from earlyexit.methods.sled import SledSettings
 
     layers = mc_layers(model)
-    # info: which questions each process of an accelerate launch group scored
-    raws, info = _mc_raws(model, tokenizer, items, layers=layers["all"], lens=lens, allow_partial=allow_partial,
-                          progress=progress)
+    saved = None
+    if sled and len(mc_raw_available(model, items, layers=layers["all"], lens=lens)) < len(items):
+        saved = saved_dola_rows(results_dir, model, items, lens=lens, layers=layers, n_boot=n_boot, seed=seed)
+    info = None  # which questions each process of an accelerate launch group scored
+    if saved is None:
+        raws, info = _mc_raws(model, tokenizer, items, layers=layers["all"], lens=lens, allow_partial=allow_partial,
+                              progress=progress)
+        results = {
+            "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
+            "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
+            "dola-low": evaluate(raws, "dola", candidates=layers["low"], n_boot=n_boot, seed=seed),
+        }
+        cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
+        results["dola-static (2-fold CV)"] = cv["cross_fitted"]
+        decodings = {k: r.as_dict() for k, r in results.items()}
+        static = {"folds": cv["folds"], "in_sample": cv["in_sample"], "criterion": cv["criterion"]}
+        selection, n_done, dola_rows = cv["cross_fitted"].settings["selection"], len(raws), "computed"
+    else:
+        print(f"truthfulqa: the vanilla and DoLa MC rows are those saved in {MCResults.path(results_dir, model)} "
+              f"(same model, questions and settings, made {saved['meta'].get('created')}); their pass's cache "
+              "is not here, so only SLED's pass runs", flush=True)
+        decodings = {k: saved["decodings"][k] for k in DOLA_ROWS}
+        static, n_done = saved["static"], saved["meta"]["n"]
+        selection = saved["meta"]["settings"]["static_selection"]
+        dola_rows = f"reused from the results file made {saved['meta'].get('created')}"
     sled_settings = SledSettings.mc() if sled else None
     sled_raws = _mc_raws(model, tokenizer, items, layers=[], lens=lens, allow_partial=allow_partial,
                          progress=progress, sled=sled_settings)[0] if sled else []
-    results = {
-        "vanilla": evaluate(raws, "vanilla", n_boot=n_boot, seed=seed),
-        "dola-high": evaluate(raws, "dola", candidates=layers["high"], n_boot=n_boot, seed=seed),
-        "dola-low": evaluate(raws, "dola", candidates=layers["low"], n_boot=n_boot, seed=seed),
-    }
-    cv = static_cross_validation(raws, layers["all"], folds=2, seed=seed, n_boot=n_boot)
-    results["dola-static (2-fold CV)"] = cv["cross_fitted"]
     if sled_raws:
-        results["sled"] = evaluate(sled_raws, "sled", n_boot=n_boot, seed=seed)
-        results["sled (authors' post_softmax=False)"] = evaluate(sled_raws, "sled", post_softmax=False,
-                                                                 n_boot=n_boot, seed=seed)
+        decodings["sled"] = evaluate(sled_raws, "sled", n_boot=n_boot, seed=seed).as_dict()
+        decodings["sled (authors' post_softmax=False)"] = evaluate(sled_raws, "sled", post_softmax=False,
+                                                                   n_boot=n_boot, seed=seed).as_dict()
     doc = {
-        "meta": run_metadata(model, len(raws), data=items, parallel=info if info and info.num_processes > 1 else None,
+        "meta": run_metadata(model, n_done, data=items, parallel=info if info and info.num_processes > 1 else None,
                              lens=lens, questions_requested=len(items),
-                             complete=len(raws) == len(items) and (not sled or len(sled_raws) == len(items)),
+                             complete=n_done == len(items) and (not sled or len(sled_raws) == len(items)),
                              sled=sled_settings.as_dict() if sled else None, buckets=layers, plausibility=False,
                              answer_format="' ' + answer, '.' appended when missing",
-                             static_selection=cv["cross_fitted"].settings["selection"], n_boot=n_boot, seed=seed),
-        "decodings": {k: r.as_dict() for k, r in results.items()},
-        "static": {"folds": cv["folds"], "in_sample": cv["in_sample"], "criterion": cv["criterion"]},
+                             static_selection=selection, n_boot=n_boot, seed=seed, dola_rows=dola_rows),
+        "decodings": decodings,
+        "static": static,
         "paper": PAPER_MC,
     }
     write_result(MCResults.path(results_dir, model), MCResults.KIND, doc)
